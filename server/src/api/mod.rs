@@ -1,0 +1,5 @@
+//! The server's gRPC services.
+
+pub mod admin;
+pub mod agent;
+mod convert;

@@ -1,0 +1,186 @@
+//! `server.toml`: every key can also be given as a flag, and a flag wins.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use lanyard_proto::TrustDomain;
+use serde::Deserialize;
+
+use crate::duration::Ttl;
+
+/// Where the CLI and daemon look for the admin socket unless told otherwise.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/lanyard/server/admin.sock";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The file's shape; every field optional so flags can fill gaps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    trust_domain: Option<String>,
+    bind_address: Option<SocketAddr>,
+    admin_socket: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    ca_ttl: Option<Ttl>,
+    default_x509_svid_ttl: Option<Ttl>,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+/// `lanyard-server run` flags; each overrides the key of the same name in the file.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// Path to server.toml.
+    #[arg(long, short = 'c', env = "LANYARD_SERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Trust domain, e.g. example.org.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Agent API address (TCP, TLS 1.3) [default: 0.0.0.0:8081].
+    #[arg(long)]
+    pub bind_address: Option<SocketAddr>,
+    /// Admin API Unix socket [default: /run/lanyard/server/admin.sock].
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// Directory for the CA key and the datastore [default: /var/lib/lanyard/server].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// CA lifetime: seconds or 30m, 24h, 365d ... [default: 365d].
+    #[arg(long)]
+    pub ca_ttl: Option<Ttl>,
+    /// Default X509-SVID lifetime [default: 1h].
+    #[arg(long)]
+    pub default_x509_svid_ttl: Option<Ttl>,
+    /// trace, debug, info, warn or error [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// text or json [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub trust_domain: TrustDomain,
+    pub bind_address: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub ca_ttl: Ttl,
+    pub default_x509_svid_ttl: Ttl,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+/// A configuration problem, named so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("trust_domain is required (in the config file or as --trust-domain)")]
+    MissingTrustDomain,
+    #[error("trust_domain \"{value}\" is invalid: {source}")]
+    TrustDomain { value: String, source: lanyard_proto::IdError },
+    #[error("{key} must be at least {min} seconds, got {got}")]
+    TooShort { key: &'static str, min: u64, got: u64 },
+    #[error("default_x509_svid_ttl ({svid}) must be shorter than ca_ttl ({ca})")]
+    SvidOutlivesCa { svid: Ttl, ca: Ttl },
+    #[error("log_level \"{0}\" is not one of trace, debug, info, warn, error")]
+    LogLevel(String),
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        // toml's message spans several lines with a source excerpt; keep the first.
+        message: e.message().lines().next().unwrap_or("syntax error").to_string()
+            + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+    })
+}
+
+impl ServerConfig {
+    /// Merges the file named by `--config` (if any) with the flags and validates the result.
+    pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let td_raw = args.trust_domain.clone().or(file.trust_domain).ok_or(ConfigError::MissingTrustDomain)?;
+        let trust_domain =
+            TrustDomain::new(&td_raw).map_err(|source| ConfigError::TrustDomain { value: td_raw.clone(), source })?;
+        let ca_ttl = args.ca_ttl.or(file.ca_ttl).unwrap_or(Ttl::secs(365 * 86400));
+        let default_x509_svid_ttl = args.default_x509_svid_ttl.or(file.default_x509_svid_ttl).unwrap_or(Ttl::secs(3600));
+        for (key, ttl) in [("ca_ttl", ca_ttl), ("default_x509_svid_ttl", default_x509_svid_ttl)] {
+            if ttl.as_secs() < 10 {
+                return Err(ConfigError::TooShort { key, min: 10, got: ttl.as_secs() });
+            }
+        }
+        if default_x509_svid_ttl >= ca_ttl {
+            return Err(ConfigError::SvidOutlivesCa { svid: default_x509_svid_ttl, ca: ca_ttl });
+        }
+        let log_level = args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into());
+        if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
+            return Err(ConfigError::LogLevel(log_level));
+        }
+        Ok(ServerConfig {
+            trust_domain,
+            bind_address: args.bind_address.or(file.bind_address).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8081))),
+            admin_socket: args
+                .admin_socket
+                .clone()
+                .or(file.admin_socket)
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| "/var/lib/lanyard/server".into()),
+            ca_ttl,
+            default_x509_svid_ttl,
+            log_level,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, text).expect("write");
+        ServerConfig::load(&RunArgs { config: Some(path), ..RunArgs::default() })
+    }
+
+    #[test]
+    fn file_and_flags_merge() {
+        let c = load_text("trust_domain = \"example.org\"\nca_ttl = \"2d\"\ndefault_x509_svid_ttl = 60\n").expect("ok");
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.ca_ttl, Ttl::secs(172800));
+        assert_eq!(c.default_x509_svid_ttl, Ttl::secs(60));
+        let flags = RunArgs { trust_domain: Some("other.org".into()), ..RunArgs::default() };
+        assert_eq!(ServerConfig::load(&flags).expect("ok").trust_domain.as_str(), "other.org");
+    }
+
+    #[test]
+    fn bad_files_name_the_cause() {
+        let e = load_text("trust_domain = \"example.org\"\nbogus = 1\n").expect_err("unknown key");
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = load_text("trust_domain = \"Example.org\"").expect_err("uppercase");
+        assert!(e.to_string().contains("Example.org"), "{e}");
+        let e = load_text("trust_domain = ").expect_err("syntax");
+        assert!(e.to_string().contains("invalid"), "{e}");
+        assert!(matches!(load_text(""), Err(ConfigError::MissingTrustDomain)));
+        assert!(matches!(load_text("trust_domain = \"a\"\nca_ttl = 5"), Err(ConfigError::TooShort { .. })));
+    }
+}
