@@ -4,6 +4,7 @@
 
 pub mod selector;
 pub mod spiffe_id;
+pub mod files;
 pub mod svid;
 pub mod uds;
 

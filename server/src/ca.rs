@@ -3,8 +3,6 @@
 //! profile of spec/spiffe.md §2 exactly.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -130,21 +128,9 @@ fn offset(unix: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// Writes `bytes` to `path` atomically with mode 0600 (temp file, fsync, rename).
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    // The mode above only applies to new files; make sure a leftover file is 0600 too.
-    f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+/// Writes a private file (0600, atomic), naming the path on failure.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    lanyard_proto::files::write_private(path, bytes).map_err(io_err(path))
 }
 
 impl Ca {
@@ -300,6 +286,7 @@ impl From<&KeyPair> for KeyPairPem {
 mod tests {
     use super::*;
     use lanyard_proto::svid::{check_ca, check_leaf};
+    use std::os::unix::fs::PermissionsExt;
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").expect("td")

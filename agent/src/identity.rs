@@ -1,0 +1,145 @@
+//! The agent's own identity: its X509-SVID, private key and the trust bundle, kept in
+//! `data_dir` (key 0600) so a restart needs no new join token.
+
+use std::path::{Path, PathBuf};
+
+use lanyard_proto::{SpiffeId, svid};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use zeroize::Zeroizing;
+
+/// A private key with its PKCS#8 DER, zeroized on drop; `Debug` shows only its length.
+pub struct PrivateKey(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrivateKey({} bytes)", self.0.len())
+    }
+}
+
+impl PrivateKey {
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A fresh P-256 key and a CSR for it naming `id` (when given) as its URI SAN.
+pub fn key_and_csr(id: Option<&SpiffeId>) -> Result<(PrivateKey, Vec<u8>), rcgen::Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(id) = id {
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into()?)];
+    }
+    let csr = params.serialize_request(&key)?;
+    Ok((PrivateKey(Zeroizing::new(key.serialize_der())), csr.der().to_vec()))
+}
+
+/// The agent's SVID as held in memory.
+#[derive(Debug)]
+pub struct AgentSvid {
+    pub spiffe_id: SpiffeId,
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    pub key: PrivateKey,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Errors reading or writing the stored identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Paths of the stored identity.
+#[derive(Debug, Clone)]
+pub struct IdentityFiles {
+    dir: PathBuf,
+}
+
+fn pem_all(label: &str, ders: &[Vec<u8>]) -> String {
+    ders.iter().map(|d| pem::encode(&pem::Pem::new(label, d.clone()))).collect()
+}
+
+impl IdentityFiles {
+    pub fn new(dir: &Path) -> Self {
+        IdentityFiles { dir: dir.to_path_buf() }
+    }
+    fn svid_path(&self) -> PathBuf {
+        self.dir.join("agent_svid.pem")
+    }
+    fn key_path(&self) -> PathBuf {
+        self.dir.join("agent_svid.key")
+    }
+    pub fn bundle_path(&self) -> PathBuf {
+        self.dir.join("bundle.pem")
+    }
+
+    /// Loads the stored SVID and bundle, if both exist. An expired SVID is returned
+    /// too; the caller decides (it cannot be renewed, so a join token is needed).
+    pub fn load(&self) -> Result<Option<(AgentSvid, Vec<Vec<u8>>)>, IdentityError> {
+        let (svid_path, key_path, bundle_path) = (self.svid_path(), self.key_path(), self.bundle_path());
+        if !svid_path.exists() || !key_path.exists() {
+            return Ok(None);
+        }
+        let read = |p: &Path| std::fs::read(p).map_err(|source| IdentityError::Io { path: p.to_path_buf(), source });
+        let corrupt = |p: &Path, reason: String| IdentityError::Corrupt { path: p.to_path_buf(), reason };
+        let chain: Vec<Vec<u8>> = pem::parse_many(read(&svid_path)?)
+            .map_err(|e| corrupt(&svid_path, e.to_string()))?
+            .into_iter()
+            .map(pem::Pem::into_contents)
+            .collect();
+        let leaf = chain.first().ok_or_else(|| corrupt(&svid_path, "no certificate".into()))?;
+        let info = svid::check_leaf(leaf, None).map_err(|e| corrupt(&svid_path, e.to_string()))?;
+        let key_pem = Zeroizing::new(read(&key_path)?);
+        let key = pem::parse(&*key_pem).map_err(|e| corrupt(&key_path, e.to_string()))?;
+        let key = PrivateKey(Zeroizing::new(key.into_contents()));
+        let bundle: Vec<Vec<u8>> = pem::parse_many(read(&bundle_path)?)
+            .map_err(|e| corrupt(&bundle_path, e.to_string()))?
+            .into_iter()
+            .map(pem::Pem::into_contents)
+            .collect();
+        if bundle.is_empty() {
+            return Err(corrupt(&bundle_path, "no certificate".into()));
+        }
+        Ok(Some((
+            AgentSvid { spiffe_id: info.spiffe_id, chain, key, not_before: info.not_before, not_after: info.not_after },
+            bundle,
+        )))
+    }
+
+    /// Stores the SVID (key 0600) and bundle, each file replaced atomically.
+    pub fn store(&self, svid: &AgentSvid, bundle: &[Vec<u8>]) -> Result<(), IdentityError> {
+        let write = |p: PathBuf, bytes: &[u8]| {
+            lanyard_proto::files::write_private(&p, bytes).map_err(|source| IdentityError::Io { path: p, source })
+        };
+        let key_pem = Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.pkcs8_der().to_vec())));
+        write(self.key_path(), key_pem.as_bytes())?;
+        write(self.svid_path(), pem_all("CERTIFICATE", &svid.chain).as_bytes())?;
+        write(self.bundle_path(), pem_all("CERTIFICATE", bundle).as_bytes())
+    }
+
+    /// Forgets the stored SVID (after the server says this agent is no longer known).
+    pub fn forget(&self) {
+        let _ = std::fs::remove_file(self.svid_path());
+        let _ = std::fs::remove_file(self.key_path());
+    }
+}
+
+/// Reads a PEM bundle file (the bootstrap bundle).
+pub fn read_pem_bundle(path: &Path) -> Result<Vec<Vec<u8>>, IdentityError> {
+    let bytes = std::fs::read(path).map_err(|source| IdentityError::Io { path: path.to_path_buf(), source })?;
+    let certs: Vec<Vec<u8>> = pem::parse_many(bytes)
+        .map_err(|e| IdentityError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(pem::Pem::into_contents)
+        .collect();
+    if certs.is_empty() {
+        return Err(IdentityError::Corrupt { path: path.to_path_buf(), reason: "no CERTIFICATE block".into() });
+    }
+    Ok(certs)
+}

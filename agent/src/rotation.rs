@@ -1,0 +1,98 @@
+//! When to renew an SVID: at about half its lifetime, minus up to a tenth of the
+//! lifetime of random jitter so a fleet that started together does not renew together.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock time in milliseconds since the Unix epoch, injectable for tests.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    }
+}
+
+/// The instant (Unix ms) at which an SVID valid from `not_before` to `not_after` (Unix
+/// seconds) should be renewed, for a jitter draw `jitter` in `[0, 1)`.
+pub fn renew_at_ms(not_before: i64, not_after: i64, jitter: f64) -> i64 {
+    let lifetime_ms = (not_after - not_before).max(0) * 1000;
+    let jitter_ms = (lifetime_ms as f64 * 0.1 * jitter.clamp(0.0, 1.0)) as i64;
+    not_before * 1000 + lifetime_ms / 2 - jitter_ms
+}
+
+/// Capped exponential backoff after `failures` consecutive failures: 1 s doubling to 30 s.
+pub fn retry_delay(failures: u32) -> Duration {
+    let secs = 1u64 << failures.min(5);
+    Duration::from_secs(secs.min(30))
+}
+
+/// Converts a Unix-ms deadline into a tokio instant relative to `clock`.
+pub fn instant_at(clock: &dyn Clock, at_ms: i64) -> tokio::time::Instant {
+    let delta = (at_ms - clock.now_ms()).max(0) as u64;
+    tokio::time::Instant::now() + Duration::from_millis(delta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A clock that follows tokio's (pausable) time from a fixed start.
+    #[derive(Debug)]
+    struct TokioClock {
+        start_ms: i64,
+        start: tokio::time::Instant,
+    }
+
+    impl Clock for TokioClock {
+        fn now_ms(&self) -> i64 {
+            self.start_ms + self.start.elapsed().as_millis() as i64
+        }
+    }
+
+    #[test]
+    fn half_life_with_bounded_jitter() {
+        assert_eq!(renew_at_ms(1000, 1100, 0.0), 1_050_000);
+        assert_eq!(renew_at_ms(1000, 1100, 0.999_999), 1_040_000);
+        // A 10 s SVID renews between 4 s and 5 s after issue.
+        let at = renew_at_ms(0, 10, 0.5);
+        assert!((4000..=5000).contains(&at), "{at}");
+        // Jitter draws outside [0, 1) are clamped, never pushing renewal past half-life.
+        assert_eq!(renew_at_ms(0, 10, -3.0), 5000);
+        assert_eq!(renew_at_ms(0, 10, 7.0), 4000);
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        assert_eq!(retry_delay(0), Duration::from_secs(1));
+        assert_eq!(retry_delay(3), Duration::from_secs(8));
+        assert_eq!(retry_delay(40), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timer_fires_at_renewal_time_not_before() {
+        let clock = TokioClock { start_ms: 1_000_000, start: tokio::time::Instant::now() };
+        // An SVID issued now for 60 s, no jitter: renew 30 s from now.
+        let at = renew_at_ms(1000, 1060, 0.0);
+        let deadline = instant_at(&clock, at);
+        let sleeper = tokio::time::sleep_until(deadline);
+        tokio::pin!(sleeper);
+        tokio::time::advance(Duration::from_millis(29_999)).await;
+        assert!(futures_poll(&mut sleeper).is_pending(), "fired early");
+        assert!(clock.now_ms() < at);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(futures_poll(&mut sleeper).is_ready(), "did not fire at half-life");
+        assert_eq!(clock.now_ms(), at);
+    }
+
+    fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        std::pin::Pin::new(f).poll(&mut cx)
+    }
+}

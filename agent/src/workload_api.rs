@@ -1,0 +1,265 @@
+//! The SPIFFE Workload API on the agent's Unix socket. Callers are identified only by
+//! what the kernel says about the socket peer (SO_PEERCRED, then /proc), never by
+//! anything in the request. Streams send the complete current state on every change
+//! and never end with OK: PERMISSION_DENIED when the caller's last identity goes,
+//! UNAVAILABLE when the agent shuts down.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lanyard_attestors::workload::{PeerCredentials, UnixAttestor};
+use lanyard_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use lanyard_proto::workload::*;
+use lanyard_proto::{NO_IDENTITY_ISSUED, Selector, TrustDomain, WORKLOAD_SECURITY_HEADER};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::cache::Snapshot;
+use crate::sync::SnapshotRx;
+
+/// How long a first request waits for the agent's first sync or a pending SVID before
+/// answering UNAVAILABLE (clients retry that).
+const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(5);
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    trust_domain: TrustDomain,
+    cache: SnapshotRx,
+    attestor: Arc<UnixAttestor>,
+    shutdown: watch::Receiver<bool>,
+    open_streams: Arc<AtomicUsize>,
+}
+
+/// Counts a stream task for as long as it lives.
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        StreamGuard(Arc::clone(counter))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves once shutdown is signalled.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn no_identity() -> Status {
+    Status::permission_denied(NO_IDENTITY_ISSUED)
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the agent is shutting down")
+}
+
+/// Every call must carry `workload.spiffe.io: true`, exactly once (spec §5.3).
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    let values: Vec<_> = req.metadata().get_all(WORKLOAD_SECURITY_HEADER).iter().collect();
+    match values.as_slice() {
+        [v] if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(Status::invalid_argument("security header missing from request")),
+    }
+}
+
+/// What one message would carry; equal keys mean nothing changed for this caller.
+#[derive(Debug, PartialEq, Eq)]
+struct ViewKey {
+    serials: Vec<String>,
+    bundle_sequence: u64,
+}
+
+/// A caller's X509 view: `Ok(None)` while its SVIDs are still being signed.
+fn x509_view(snapshot: &Snapshot, selectors: &[Selector]) -> Result<Option<(ViewKey, X509svidResponse)>, Status> {
+    let matched: Vec<_> = snapshot.matching(selectors).collect();
+    if matched.is_empty() {
+        return Err(no_identity());
+    }
+    let mut hints = HashSet::new();
+    let mut svids = Vec::with_capacity(matched.len());
+    let mut serials = Vec::with_capacity(matched.len());
+    for entry in &matched {
+        let Some(svid) = &entry.svid else { continue };
+        // A non-empty hint must be unique within a response; the first wins.
+        if !entry.hint.is_empty() && !hints.insert(entry.hint.as_str()) {
+            continue;
+        }
+        serials.push(svid.serial.clone());
+        svids.push(X509svid {
+            spiffe_id: entry.spiffe_id.to_string(),
+            x509_svid: svid.chain.clone(),
+            x509_svid_key: svid.key.pkcs8_der().to_vec(),
+            bundle: snapshot.bundle.to_vec(),
+            hint: entry.hint.clone(),
+        });
+    }
+    if svids.is_empty() {
+        return Ok(None);
+    }
+    let key = ViewKey { serials, bundle_sequence: snapshot.bundle_sequence };
+    Ok(Some((key, X509svidResponse { svids, crl: vec![], federated_bundles: HashMap::new() })))
+}
+
+/// A caller's bundle view: its own trust domain's CAs, if it holds any identity.
+fn bundles_view(td: &TrustDomain, snapshot: &Snapshot, selectors: &[Selector]) -> Result<Option<(u64, X509BundlesResponse)>, Status> {
+    if snapshot.matching(selectors).next().is_none() {
+        return Err(no_identity());
+    }
+    if snapshot.bundle.is_empty() {
+        return Ok(None);
+    }
+    let bundles = BTreeMap::from([(td.id_string(), snapshot.bundle.to_vec())]).into_iter().collect();
+    Ok(Some((snapshot.bundle_sequence, X509BundlesResponse { crl: vec![], bundles })))
+}
+
+impl WorkloadApi {
+    pub fn new(trust_domain: TrustDomain, cache: SnapshotRx, attestor: Arc<UnixAttestor>, shutdown: watch::Receiver<bool>) -> Self {
+        WorkloadApi { trust_domain, cache, attestor, shutdown, open_streams: Arc::new(AtomicUsize::new(0)) }
+    }
+
+    /// Stream tasks alive right now (a cancelled stream must bring this back down).
+    pub fn open_streams(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.open_streams)
+    }
+
+    /// Attests the caller from its socket's peer credentials.
+    async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .ok_or_else(|| Status::unavailable("cannot read the caller's peer credentials"))?;
+        let pid = cred.pid().ok_or_else(|| Status::unavailable("the kernel gave no pid for the caller"))?;
+        let peer = PeerCredentials { pid, uid: cred.uid(), gid: cred.gid() };
+        let attestor = Arc::clone(&self.attestor);
+        tokio::task::spawn_blocking(move || attestor.attest(&peer))
+            .await
+            .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
+            .map_err(|e| {
+                tracing::debug!(pid, error = %e, "workload attestation failed");
+                Status::unavailable(format!("could not attest the caller: {e}"))
+            })
+    }
+
+    /// Serves `view` as a stream: first message as soon as there is one (or an error
+    /// after FIRST_MESSAGE_WAIT), then one message per change of the caller's view.
+    fn stream<K, M, F>(&self, view: F) -> Result<StreamOf<M>, Status>
+    where
+        K: PartialEq + Send + 'static,
+        M: Send + 'static,
+        F: Fn(&Snapshot) -> Result<Option<(K, M)>, Status> + Send + 'static,
+    {
+        let mut cache = self.cache.clone();
+        let mut shutdown = self.shutdown.clone();
+        let guard = StreamGuard::new(&self.open_streams);
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let first_deadline = tokio::time::Instant::now() + FIRST_MESSAGE_WAIT;
+            let mut last: Option<K> = None;
+            loop {
+                let snapshot = cache.borrow_and_update().clone();
+                let outcome = if snapshot.synced { view(&snapshot) } else { Ok(None) };
+                match outcome {
+                    Ok(Some((key, msg))) => {
+                        if last.as_ref() != Some(&key) {
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                            last = Some(key);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+                let waiting_first = last.is_none();
+                tokio::select! {
+                    changed = cache.changed() => if changed.is_err() { let _ = tx.send(Err(shutting_down())).await; return; },
+                    () = stopped(&mut shutdown) => { let _ = tx.send(Err(shutting_down())).await; return; }
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep_until(first_deadline), if waiting_first => {
+                        let _ = tx.send(Err(Status::unavailable("SVIDs are not ready yet; retry"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = StreamOf<X509svidResponse>;
+
+    async fn fetch_x509svid(&self, req: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&req)?;
+        let selectors = self.attest(&req).await?;
+        // Unknown callers learn so at once rather than through the stream.
+        let snapshot = self.cache.borrow().clone();
+        if snapshot.synced && snapshot.matching(&selectors).next().is_none() {
+            return Err(no_identity());
+        }
+        Ok(Response::new(self.stream(move |s| x509_view(s, &selectors))?))
+    }
+
+    type FetchX509BundlesStream = StreamOf<X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(&self, req: Request<X509BundlesRequest>) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&req)?;
+        let selectors = self.attest(&req).await?;
+        let snapshot = self.cache.borrow().clone();
+        if snapshot.synced && snapshot.matching(&selectors).next().is_none() {
+            return Err(no_identity());
+        }
+        let td = self.trust_domain.clone();
+        Ok(Response::new(self.stream(move |s| bundles_view(&td, s, &selectors))?))
+    }
+
+    async fn fetch_jwtsvid(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&req)?;
+        Err(Status::unimplemented("JWT-SVIDs are not served by this agent yet"))
+    }
+
+    type FetchJWTBundlesStream = StreamOf<JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(&self, req: Request<JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&req)?;
+        Err(Status::unimplemented("JWT bundles are not served by this agent yet"))
+    }
+
+    async fn validate_jwtsvid(&self, req: Request<ValidateJwtsvidRequest>) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        Err(Status::unimplemented("JWT-SVID validation is not served by this agent yet"))
+    }
+
+    type FetchWITSVIDStream = StreamOf<WitsvidResponse>;
+
+    async fn fetch_witsvid(&self, _req: Request<WitsvidRequest>) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    }
+
+    type FetchWITBundlesStream = StreamOf<WitBundlesResponse>;
+
+    async fn fetch_wit_bundles(&self, _req: Request<WitBundlesRequest>) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    }
+}
