@@ -47,7 +47,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Entries whose selectors are all among the workload's.
-    pub fn matching<'a>(&'a self, selectors: &'a [Selector]) -> impl Iterator<Item = &'a CachedEntry> + 'a {
-        self.entries.iter().filter(move |e| lanyard_proto::selector::matches_all(&e.selectors, selectors))
+    pub fn matching<'a>(
+        &'a self,
+        selectors: &'a [Selector],
+    ) -> impl Iterator<Item = &'a CachedEntry> + 'a {
+        self.entries
+            .iter()
+            .filter(move |e| lanyard_proto::selector::matches_all(&e.selectors, selectors))
     }
 }

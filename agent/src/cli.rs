@@ -13,7 +13,11 @@ use zeroize::Zeroizing;
 use crate::config::{DEFAULT_SOCKET_PATH, RunArgs};
 
 #[derive(Debug, Parser)]
-#[command(name = "lanyard-agent", version, about = "Lanyard node agent: serves SVIDs through the SPIFFE Workload API")]
+#[command(
+    name = "lanyard-agent",
+    version,
+    about = "Lanyard node agent: serves SVIDs through the SPIFFE Workload API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -78,14 +82,20 @@ pub enum ClientError {
     #[error("the agent closed the stream without an answer")]
     NoAnswer,
     #[error("{path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the agent sent an unusable certificate: {0}")]
     Certificate(String),
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        ClientError::Status { code: s.code(), message: s.message().to_string() }
+        ClientError::Status {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
     }
 }
 
@@ -101,35 +111,53 @@ fn socket_path(args: &SocketArgs) -> Result<PathBuf, ClientError> {
 
 async fn connect(args: &SocketArgs) -> Result<(PathBuf, Channel), ClientError> {
     let path = socket_path(args)?;
-    let channel = lanyard_proto::uds::channel(&path).await.map_err(|e| ClientError::Connect {
-        path: path.clone(),
-        reason: std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string()),
-    })?;
+    let channel = lanyard_proto::uds::channel(&path)
+        .await
+        .map_err(|e| ClientError::Connect {
+            path: path.clone(),
+            reason: std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_else(|| e.to_string()),
+        })?;
     Ok((path, channel))
 }
 
 fn with_header<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert(WORKLOAD_SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    req.metadata_mut().insert(
+        WORKLOAD_SECURITY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     req
 }
 
 async fn first_x509(channel: Channel) -> Result<X509svidResponse, ClientError> {
     let mut client = SpiffeWorkloadApiClient::new(channel);
-    let mut stream = client.fetch_x509svid(with_header(X509svidRequest {})).await?.into_inner();
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await?
+        .into_inner();
     stream.message().await?.ok_or(ClientError::NoAnswer)
 }
 
 fn describe(svid: &X509svid) -> Result<(String, String, i64), ClientError> {
-    let certs = lanyard_proto::svid::split_der_chain(&svid.x509_svid).map_err(|e| ClientError::Certificate(e.to_string()))?;
-    let leaf = certs.first().ok_or_else(|| ClientError::Certificate("empty chain".into()))?;
-    let info = lanyard_proto::svid::check_leaf(leaf, None).map_err(|e| ClientError::Certificate(e.to_string()))?;
+    let certs = lanyard_proto::svid::split_der_chain(&svid.x509_svid)
+        .map_err(|e| ClientError::Certificate(e.to_string()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| ClientError::Certificate("empty chain".into()))?;
+    let info = lanyard_proto::svid::check_leaf(leaf, None)
+        .map_err(|e| ClientError::Certificate(e.to_string()))?;
     Ok((info.spiffe_id.to_string(), info.serial_hex, info.not_after))
 }
 
 fn pem_concat(label: &str, der_concat: &[u8]) -> Result<String, ClientError> {
-    let certs = lanyard_proto::svid::split_der_chain(der_concat).map_err(|e| ClientError::Certificate(e.to_string()))?;
-    Ok(certs.iter().map(|c| pem::encode(&pem::Pem::new(label, c.to_vec()))).collect())
+    let certs = lanyard_proto::svid::split_der_chain(der_concat)
+        .map_err(|e| ClientError::Certificate(e.to_string()))?;
+    Ok(certs
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new(label, c.to_vec())))
+        .collect())
 }
 
 fn write_files(dir: &Path, response: &X509svidResponse) -> Result<(), ClientError> {
@@ -140,12 +168,18 @@ fn write_files(dir: &Path, response: &X509svidResponse) -> Result<(), ClientErro
     std::fs::create_dir_all(dir).map_err(write_err(dir))?;
     for (i, svid) in response.svids.iter().enumerate() {
         let cert_path = dir.join(format!("svid.{i}.pem"));
-        std::fs::write(&cert_path, pem_concat("CERTIFICATE", &svid.x509_svid)?).map_err(write_err(&cert_path))?;
+        std::fs::write(&cert_path, pem_concat("CERTIFICATE", &svid.x509_svid)?)
+            .map_err(write_err(&cert_path))?;
         let key_path = dir.join(format!("svid.{i}.key"));
-        let key = Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", svid.x509_svid_key.clone())));
-        lanyard_proto::files::write_private(&key_path, key.as_bytes()).map_err(write_err(&key_path))?;
+        let key = Zeroizing::new(pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            svid.x509_svid_key.clone(),
+        )));
+        lanyard_proto::files::write_private(&key_path, key.as_bytes())
+            .map_err(write_err(&key_path))?;
         let bundle_path = dir.join(format!("bundle.{i}.pem"));
-        std::fs::write(&bundle_path, pem_concat("CERTIFICATE", &svid.bundle)?).map_err(write_err(&bundle_path))?;
+        std::fs::write(&bundle_path, pem_concat("CERTIFICATE", &svid.bundle)?)
+            .map_err(write_err(&bundle_path))?;
     }
     Ok(())
 }
@@ -154,12 +188,20 @@ fn write_files(dir: &Path, response: &X509svidResponse) -> Result<(), ClientErro
 pub async fn run_client(command: Command) -> Result<(), ClientError> {
     match command {
         Command::Run(_) => Ok(()),
-        Command::Api(ApiCommand::Fetch(FetchCommand::X509 { socket, write, output })) => {
+        Command::Api(ApiCommand::Fetch(FetchCommand::X509 {
+            socket,
+            write,
+            output,
+        })) => {
             let (_, channel) = connect(&socket).await?;
             let started = std::time::Instant::now();
             let response = first_x509(channel).await?;
             let elapsed = started.elapsed();
-            let described = response.svids.iter().map(describe).collect::<Result<Vec<_>, _>>()?;
+            let described = response
+                .svids
+                .iter()
+                .map(describe)
+                .collect::<Result<Vec<_>, _>>()?;
             if let Some(dir) = &write {
                 write_files(dir, &response)?;
             }
@@ -171,15 +213,24 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     })).collect::<Vec<_>>() })
                 ),
                 Output::Text => {
-                    println!("Received {} svid after {:.3}ms", response.svids.len(), elapsed.as_secs_f64() * 1000.0);
+                    println!(
+                        "Received {} svid after {:.3}ms",
+                        response.svids.len(),
+                        elapsed.as_secs_f64() * 1000.0
+                    );
                     for (i, (id, serial, not_after)) in described.iter().enumerate() {
-                        println!("\nSPIFFE ID        : {id}\nSerial           : {serial}\nValid until      : {not_after}");
+                        println!(
+                            "\nSPIFFE ID        : {id}\nSerial           : {serial}\nValid until      : {not_after}"
+                        );
                         if !response.svids[i].hint.is_empty() {
                             println!("Hint             : {}", response.svids[i].hint);
                         }
                     }
                     if let Some(dir) = &write {
-                        println!("\nWrote svid.N.pem, svid.N.key and bundle.N.pem to {}", dir.display());
+                        println!(
+                            "\nWrote svid.N.pem, svid.N.key and bundle.N.pem to {}",
+                            dir.display()
+                        );
                     }
                 }
             }
@@ -188,10 +239,20 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
         Command::Api(ApiCommand::Watch(socket)) => {
             let (_, channel) = connect(&socket).await?;
             let mut client = SpiffeWorkloadApiClient::new(channel);
-            let mut stream = client.fetch_x509svid(with_header(X509svidRequest {})).await?.into_inner();
+            let mut stream = client
+                .fetch_x509svid(with_header(X509svidRequest {}))
+                .await?
+                .into_inner();
             while let Some(update) = stream.message().await? {
-                let ids = update.svids.iter().map(describe).collect::<Result<Vec<_>, _>>()?;
-                let line: Vec<String> = ids.iter().map(|(id, serial, _)| format!("{id} (serial {serial})")).collect();
+                let ids = update
+                    .svids
+                    .iter()
+                    .map(describe)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let line: Vec<String> = ids
+                    .iter()
+                    .map(|(id, serial, _)| format!("{id} (serial {serial})"))
+                    .collect();
                 println!("Received {} svid: {}", ids.len(), line.join(", "));
             }
             Err(ClientError::NoAnswer)
@@ -199,9 +260,18 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
         Command::Healthcheck(socket) => {
             let (path, channel) = connect(&socket).await?;
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await?.into_inner().status;
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?
+                .into_inner()
+                .status;
             if status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                return Err(ClientError::Status { code: tonic::Code::Unavailable, message: "agent is not serving".into() });
+                return Err(ClientError::Status {
+                    code: tonic::Code::Unavailable,
+                    message: "agent is not serving".into(),
+                });
             }
             println!("Agent is healthy (socket {}).", path.display());
             Ok(())

@@ -28,7 +28,10 @@ pub fn connect(
         .with_custom_certificate_verifier(Arc::new(verifier));
     let mut config = match svid {
         Some(svid) => builder.with_client_auth_cert(
-            svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect(),
+            svid.chain
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect(),
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.pkcs8_der().to_vec())),
         )?,
         None => builder.with_no_client_auth(),
@@ -37,7 +40,8 @@ pub fn connect(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let address = address.to_string();
     // The name is only for SNI; the verifier checks the SPIFFE ID instead.
-    let sni = ServerName::try_from("lanyard-server").map_err(|e| rustls::Error::General(e.to_string()))?;
+    let sni = ServerName::try_from("lanyard-server")
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
     let channel = Endpoint::from_static("http://lanyard-server")
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))

@@ -92,16 +92,24 @@ pub struct AgentConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0} is required (in the config file or as a flag)")]
     Missing(&'static str),
     #[error("trust_domain \"{value}\" is invalid: {source}")]
-    TrustDomain { value: String, source: lanyard_proto::IdError },
+    TrustDomain {
+        value: String,
+        source: lanyard_proto::IdError,
+    },
     #[error("server_address \"{0}\" must be host:port")]
     ServerAddress(String),
-    #[error("set trust_bundle_path to the server's CA bundle, or insecure_bootstrap = true for a local trial")]
+    #[error(
+        "set trust_bundle_path to the server's CA bundle, or insecure_bootstrap = true for a local trial"
+    )]
     NoBootstrap,
     #[error("socket_path {0} must be absolute")]
     SocketPath(PathBuf),
@@ -110,11 +118,21 @@ pub enum ConfigError {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.into(),
-        message: e.message().lines().next().unwrap_or("syntax error").to_string()
-            + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+        message: e
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("syntax error")
+            .to_string()
+            + &e.span()
+                .map(|s| format!(" (at byte {})", s.start))
+                .unwrap_or_default(),
     })
 }
 
@@ -124,25 +142,48 @@ impl AgentConfig {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let td_raw = args.trust_domain.clone().or(file.trust_domain).ok_or(ConfigError::Missing("trust_domain"))?;
+        let td_raw = args
+            .trust_domain
+            .clone()
+            .or(file.trust_domain)
+            .ok_or(ConfigError::Missing("trust_domain"))?;
         let trust_domain =
-            TrustDomain::new(&td_raw).map_err(|source| ConfigError::TrustDomain { value: td_raw.clone(), source })?;
-        let server_address =
-            args.server_address.clone().or(file.server_address).ok_or(ConfigError::Missing("server_address"))?;
-        let port_ok = server_address.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            TrustDomain::new(&td_raw).map_err(|source| ConfigError::TrustDomain {
+                value: td_raw.clone(),
+                source,
+            })?;
+        let server_address = args
+            .server_address
+            .clone()
+            .or(file.server_address)
+            .ok_or(ConfigError::Missing("server_address"))?;
+        let port_ok = server_address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if !port_ok {
             return Err(ConfigError::ServerAddress(server_address));
         }
-        let bootstrap = match (args.trust_bundle_path.clone().or(file.trust_bundle_path), args.insecure_bootstrap || file.insecure_bootstrap == Some(true)) {
+        let bootstrap = match (
+            args.trust_bundle_path.clone().or(file.trust_bundle_path),
+            args.insecure_bootstrap || file.insecure_bootstrap == Some(true),
+        ) {
             (Some(path), _) => Bootstrap::Bundle(path),
             (None, true) => Bootstrap::Insecure,
             (None, false) => return Err(ConfigError::NoBootstrap),
         };
-        let socket_path = args.socket_path.clone().or(file.socket_path).unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
+        let socket_path = args
+            .socket_path
+            .clone()
+            .or(file.socket_path)
+            .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
         if !socket_path.is_absolute() {
             return Err(ConfigError::SocketPath(socket_path));
         }
-        let log_level = args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into());
+        let log_level = args
+            .log_level
+            .clone()
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".into());
         if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
             return Err(ConfigError::LogLevel(log_level));
         }
@@ -150,9 +191,17 @@ impl AgentConfig {
             trust_domain,
             server_address,
             bootstrap,
-            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| "/var/lib/lanyard/agent".into()),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| "/var/lib/lanyard/agent".into()),
             socket_path,
-            join_token: args.join_token.clone().or(file.join_token).filter(|t| !t.trim().is_empty()),
+            join_token: args
+                .join_token
+                .clone()
+                .or(file.join_token)
+                .filter(|t| !t.trim().is_empty()),
             log_level,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
@@ -167,7 +216,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, text).expect("write");
-        AgentConfig::load(&RunArgs { config: Some(path), ..RunArgs::default() })
+        AgentConfig::load(&RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        })
     }
 
     #[test]
@@ -176,7 +228,8 @@ mod tests {
             .expect("ok");
         assert_eq!(c.bootstrap, Bootstrap::Insecure);
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
-        let e = load_text("trust_domain = \"example.org\"\nserver_address = \"x:1\"\n").expect_err("no bootstrap");
+        let e = load_text("trust_domain = \"example.org\"\nserver_address = \"x:1\"\n")
+            .expect_err("no bootstrap");
         assert!(matches!(e, ConfigError::NoBootstrap));
         let e = load_text("trust_domain = \"example.org\"\nserver_address = \"nohost\"\ninsecure_bootstrap = true").expect_err("addr");
         assert!(e.to_string().contains("host:port"), "{e}");

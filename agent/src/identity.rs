@@ -31,7 +31,10 @@ pub fn key_and_csr(id: Option<&SpiffeId>) -> Result<(PrivateKey, Vec<u8>), rcgen
         params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into()?)];
     }
     let csr = params.serialize_request(&key)?;
-    Ok((PrivateKey(Zeroizing::new(key.serialize_der())), csr.der().to_vec()))
+    Ok((
+        PrivateKey(Zeroizing::new(key.serialize_der())),
+        csr.der().to_vec(),
+    ))
 }
 
 /// The agent's SVID as held in memory.
@@ -49,7 +52,10 @@ pub struct AgentSvid {
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -61,12 +67,16 @@ pub struct IdentityFiles {
 }
 
 fn pem_all(label: &str, ders: &[Vec<u8>]) -> String {
-    ders.iter().map(|d| pem::encode(&pem::Pem::new(label, d.clone()))).collect()
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new(label, d.clone())))
+        .collect()
 }
 
 impl IdentityFiles {
     pub fn new(dir: &Path) -> Self {
-        IdentityFiles { dir: dir.to_path_buf() }
+        IdentityFiles {
+            dir: dir.to_path_buf(),
+        }
     }
     fn svid_path(&self) -> PathBuf {
         self.dir.join("agent_svid.pem")
@@ -81,18 +91,29 @@ impl IdentityFiles {
     /// Loads the stored SVID and bundle, if both exist. An expired SVID is returned
     /// too; the caller decides (it cannot be renewed, so a join token is needed).
     pub fn load(&self) -> Result<Option<(AgentSvid, Vec<Vec<u8>>)>, IdentityError> {
-        let (svid_path, key_path, bundle_path) = (self.svid_path(), self.key_path(), self.bundle_path());
+        let (svid_path, key_path, bundle_path) =
+            (self.svid_path(), self.key_path(), self.bundle_path());
         if !svid_path.exists() || !key_path.exists() {
             return Ok(None);
         }
-        let read = |p: &Path| std::fs::read(p).map_err(|source| IdentityError::Io { path: p.to_path_buf(), source });
-        let corrupt = |p: &Path, reason: String| IdentityError::Corrupt { path: p.to_path_buf(), reason };
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| IdentityError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let corrupt = |p: &Path, reason: String| IdentityError::Corrupt {
+            path: p.to_path_buf(),
+            reason,
+        };
         let chain: Vec<Vec<u8>> = pem::parse_many(read(&svid_path)?)
             .map_err(|e| corrupt(&svid_path, e.to_string()))?
             .into_iter()
             .map(pem::Pem::into_contents)
             .collect();
-        let leaf = chain.first().ok_or_else(|| corrupt(&svid_path, "no certificate".into()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| corrupt(&svid_path, "no certificate".into()))?;
         let info = svid::check_leaf(leaf, None).map_err(|e| corrupt(&svid_path, e.to_string()))?;
         let key_pem = Zeroizing::new(read(&key_path)?);
         let key = pem::parse(&*key_pem).map_err(|e| corrupt(&key_path, e.to_string()))?;
@@ -106,7 +127,13 @@ impl IdentityFiles {
             return Err(corrupt(&bundle_path, "no certificate".into()));
         }
         Ok(Some((
-            AgentSvid { spiffe_id: info.spiffe_id, chain, key, not_before: info.not_before, not_after: info.not_after },
+            AgentSvid {
+                spiffe_id: info.spiffe_id,
+                chain,
+                key,
+                not_before: info.not_before,
+                not_after: info.not_after,
+            },
             bundle,
         )))
     }
@@ -114,12 +141,22 @@ impl IdentityFiles {
     /// Stores the SVID (key 0600) and bundle, each file replaced atomically.
     pub fn store(&self, svid: &AgentSvid, bundle: &[Vec<u8>]) -> Result<(), IdentityError> {
         let write = |p: PathBuf, bytes: &[u8]| {
-            lanyard_proto::files::write_private(&p, bytes).map_err(|source| IdentityError::Io { path: p, source })
+            lanyard_proto::files::write_private(&p, bytes)
+                .map_err(|source| IdentityError::Io { path: p, source })
         };
-        let key_pem = Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.pkcs8_der().to_vec())));
+        let key_pem = Zeroizing::new(pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            svid.key.pkcs8_der().to_vec(),
+        )));
         write(self.key_path(), key_pem.as_bytes())?;
-        write(self.svid_path(), pem_all("CERTIFICATE", &svid.chain).as_bytes())?;
-        write(self.bundle_path(), pem_all("CERTIFICATE", bundle).as_bytes())
+        write(
+            self.svid_path(),
+            pem_all("CERTIFICATE", &svid.chain).as_bytes(),
+        )?;
+        write(
+            self.bundle_path(),
+            pem_all("CERTIFICATE", bundle).as_bytes(),
+        )
     }
 
     /// Forgets the stored SVID (after the server says this agent is no longer known).
@@ -131,15 +168,24 @@ impl IdentityFiles {
 
 /// Reads a PEM bundle file (the bootstrap bundle).
 pub fn read_pem_bundle(path: &Path) -> Result<Vec<Vec<u8>>, IdentityError> {
-    let bytes = std::fs::read(path).map_err(|source| IdentityError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let certs: Vec<Vec<u8>> = pem::parse_many(bytes)
-        .map_err(|e| IdentityError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?
+        .map_err(|e| IdentityError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
         .into_iter()
         .filter(|p| p.tag() == "CERTIFICATE")
         .map(pem::Pem::into_contents)
         .collect();
     if certs.is_empty() {
-        return Err(IdentityError::Corrupt { path: path.to_path_buf(), reason: "no CERTIFICATE block".into() });
+        return Err(IdentityError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "no CERTIFICATE block".into(),
+        });
     }
     Ok(certs)
 }

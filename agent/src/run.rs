@@ -30,10 +30,15 @@ const ATTEST_PATIENCE: Duration = Duration::from_secs(60);
 #[non_exhaustive]
 pub enum RunError {
     #[error("data_dir {path}: {source}")]
-    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("this agent has no stored identity; start it with --join-token (or LANYARD_JOIN_TOKEN)")]
+    #[error(
+        "this agent has no stored identity; start it with --join-token (or LANYARD_JOIN_TOKEN)"
+    )]
     NeedJoinToken,
     #[error("the stored agent SVID expired; start the agent with a new --join-token")]
     Expired,
@@ -44,7 +49,10 @@ pub enum RunError {
     #[error("the server's answer is unusable: {0}")]
     BadAnswer(String),
     #[error("Workload API socket {path}: {reason}")]
-    Socket { path: std::path::PathBuf, reason: String },
+    Socket {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error(transparent)]
     Sync(#[from] SyncError),
     #[error("TLS configuration: {0}")]
@@ -57,50 +65,87 @@ pub enum RunError {
 async fn attest(config: &AgentConfig, token: &str) -> Result<(AgentSvid, Vec<Vec<u8>>), RunError> {
     let server_id = crate::client::server_id(&config.trust_domain);
     let (key, csr) = key_and_csr(None).map_err(|e| RunError::BadAnswer(e.to_string()))?;
-    let request = AttestAgentRequest { method: join_token::METHOD.into(), payload: join_token::evidence(token), csr };
+    let request = AttestAgentRequest {
+        method: join_token::METHOD.into(),
+        payload: join_token::evidence(token),
+        csr,
+    };
     let deadline = tokio::time::Instant::now() + ATTEST_PATIENCE;
     let mut failures = 0;
     let response = loop {
         let verifier = match &config.bootstrap {
-            Bootstrap::Bundle(path) => SpiffeServerVerifier::new(&read_pem_bundle(path)?, server_id.clone())?,
+            Bootstrap::Bundle(path) => {
+                SpiffeServerVerifier::new(&read_pem_bundle(path)?, server_id.clone())?
+            }
             Bootstrap::Insecure => {
-                tracing::warn!("INSECURE BOOTSTRAP: trusting whatever answers at {} for attestation; use trust_bundle_path outside local trials", config.server_address);
+                tracing::warn!(
+                    "INSECURE BOOTSTRAP: trusting whatever answers at {} for attestation; use trust_bundle_path outside local trials",
+                    config.server_address
+                );
                 SpiffeServerVerifier::insecure(server_id.clone())
             }
         };
         let mut client = crate::client::connect(&config.server_address, verifier, None)?;
         match client.attest_agent(request.clone()).await {
             Ok(r) => break r.into_inner(),
-            Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) && tokio::time::Instant::now() < deadline => {
+            Err(status)
+                if matches!(status.code(), Code::Unavailable | Code::Unknown)
+                    && tokio::time::Instant::now() < deadline =>
+            {
                 failures += 1;
                 let delay = crate::rotation::retry_delay(failures.min(3));
                 tracing::warn!(error = %status.message(), retry_in = ?delay, "server not reachable yet");
                 tokio::time::sleep(delay).await;
             }
             Err(status) if status.code() == Code::Unavailable => {
-                return Err(RunError::Unreachable { address: config.server_address.clone(), reason: status.message().to_string() });
+                return Err(RunError::Unreachable {
+                    address: config.server_address.clone(),
+                    reason: status.message().to_string(),
+                });
             }
             Err(status) => return Err(RunError::AttestationRefused(status.message().to_string())),
         }
     };
-    let bundle = response.bundle.map(|b| b.x509_authorities).unwrap_or_default();
+    let bundle = response
+        .bundle
+        .map(|b| b.x509_authorities)
+        .unwrap_or_default();
     if bundle.is_empty() {
         return Err(RunError::BadAnswer("no trust bundle".into()));
     }
-    let leaf = response.x509_svid_chain.first().ok_or_else(|| RunError::BadAnswer("no agent SVID".into()))?;
-    let info = lanyard_proto::svid::check_leaf(leaf, None).map_err(|e| RunError::BadAnswer(e.to_string()))?;
-    if info.spiffe_id.as_str() != response.spiffe_id || !info.spiffe_id.is_member_of(&config.trust_domain) {
-        return Err(RunError::BadAnswer(format!("agent SVID names {}", info.spiffe_id)));
+    let leaf = response
+        .x509_svid_chain
+        .first()
+        .ok_or_else(|| RunError::BadAnswer("no agent SVID".into()))?;
+    let info = lanyard_proto::svid::check_leaf(leaf, None)
+        .map_err(|e| RunError::BadAnswer(e.to_string()))?;
+    if info.spiffe_id.as_str() != response.spiffe_id
+        || !info.spiffe_id.is_member_of(&config.trust_domain)
+    {
+        return Err(RunError::BadAnswer(format!(
+            "agent SVID names {}",
+            info.spiffe_id
+        )));
     }
     tracing::info!(spiffe_id = %info.spiffe_id, "attested to the server");
     Ok((
-        AgentSvid { spiffe_id: info.spiffe_id, chain: response.x509_svid_chain, key, not_before: info.not_before, not_after: info.not_after },
+        AgentSvid {
+            spiffe_id: info.spiffe_id,
+            chain: response.x509_svid_chain,
+            key,
+            not_before: info.not_before,
+            not_after: info.not_after,
+        },
         bundle,
     ))
 }
 
 /// Loads the stored identity, or attests with the join token.
-async fn identity(config: &AgentConfig, files: &IdentityFiles, clock: &dyn Clock) -> Result<(AgentSvid, Vec<Vec<u8>>), RunError> {
+async fn identity(
+    config: &AgentConfig,
+    files: &IdentityFiles,
+    clock: &dyn Clock,
+) -> Result<(AgentSvid, Vec<Vec<u8>>), RunError> {
     match files.load()? {
         Some((svid, bundle)) if svid.not_after * 1000 > clock.now_ms() => {
             tracing::info!(spiffe_id = %svid.spiffe_id, "loaded the stored agent SVID");
@@ -109,7 +154,10 @@ async fn identity(config: &AgentConfig, files: &IdentityFiles, clock: &dyn Clock
         Some(_) if config.join_token.is_none() => return Err(RunError::Expired),
         _ => {}
     }
-    let token = config.join_token.as_deref().ok_or(RunError::NeedJoinToken)?;
+    let token = config
+        .join_token
+        .as_deref()
+        .ok_or(RunError::NeedJoinToken)?;
     let (svid, bundle) = attest(config, token).await?;
     files.store(&svid, &bundle)?;
     Ok((svid, bundle))
@@ -117,38 +165,67 @@ async fn identity(config: &AgentConfig, files: &IdentityFiles, clock: &dyn Clock
 
 /// Binds the Workload API socket; anyone may connect (identity comes from attestation).
 fn bind_socket(path: &Path) -> Result<UnixListener, RunError> {
-    let err = |reason: String| RunError::Socket { path: path.to_path_buf(), reason };
+    let err = |reason: String| RunError::Socket {
+        path: path.to_path_buf(),
+        reason,
+    };
     if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| err(e.to_string()))?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| err(e.to_string()))?,
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| err(e.to_string()))?
+        }
         Ok(_) => return Err(err("a file that is not a socket is in the way".into())),
         Err(_) => {}
     }
     let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| err(e.to_string()))?;
     Ok(listener)
 }
 
 /// Runs the agent until `stop` resolves.
-pub async fn run(config: AgentConfig, stop: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: AgentConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
     std::fs::create_dir_all(&config.data_dir)
-        .and_then(|()| std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
+        .and_then(|()| {
+            std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| RunError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
     let files = IdentityFiles::new(&config.data_dir);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (agent, bundle) = identity(&config, &files, &*clock).await?;
     let agent_id = agent.spiffe_id.clone();
-    let (worker, cache) = SyncWorker::new(config.trust_domain.clone(), config.server_address.clone(), files, agent, bundle, clock)?;
+    let (worker, cache) = SyncWorker::new(
+        config.trust_domain.clone(),
+        config.server_address.clone(),
+        files,
+        agent,
+        bundle,
+        clock,
+    )?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let attestor = Arc::new(UnixAttestor::new(UnixAttestorConfig::default()));
-    let api = WorkloadApi::new(config.trust_domain.clone(), cache, attestor, shutdown_rx.clone());
+    let api = WorkloadApi::new(
+        config.trust_domain.clone(),
+        cache,
+        attestor,
+        shutdown_rx.clone(),
+    );
     let listener = bind_socket(&config.socket_path)?;
     let (health_reporter, health_svc) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>().await;
+    health_reporter
+        .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+        .await;
     let mut server_stop = shutdown_rx.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -175,7 +252,9 @@ pub async fn run(config: AgentConfig, stop: impl std::future::Future<Output = ()
     if !worker_done {
         let _ = worker_task.await;
     }
-    let served = server.await.map_err(|e| RunError::BadAnswer(e.to_string()))?;
+    let served = server
+        .await
+        .map_err(|e| RunError::BadAnswer(e.to_string()))?;
     let _ = std::fs::remove_file(&config.socket_path);
     outcome?;
     served?;

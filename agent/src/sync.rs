@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use lanyard_proto::agent::agent_service_client::AgentServiceClient;
-use lanyard_proto::agent::{RenewAgentRequest, SignX509SvidsRequest, SvidRequest, SyncEntriesRequest, SyncEntriesResponse};
+use lanyard_proto::agent::{
+    RenewAgentRequest, SignX509SvidsRequest, SvidRequest, SyncEntriesRequest, SyncEntriesResponse,
+};
 use lanyard_proto::{Selector, SpiffeId, TrustDomain, svid};
 use tokio::sync::watch;
 use tonic::Code;
@@ -15,7 +17,7 @@ use tonic::transport::Channel;
 
 use crate::cache::{CachedEntry, Snapshot, Svid};
 use crate::identity::{AgentSvid, IdentityFiles, PrivateKey, key_and_csr};
-use crate::rotation::{Clock, renew_at_ms, retry_delay, instant_at};
+use crate::rotation::{Clock, instant_at, renew_at_ms, retry_delay};
 use crate::tls::SpiffeServerVerifier;
 
 /// The server caps batches at this many CSRs.
@@ -24,7 +26,9 @@ const MAX_BATCH: usize = 1000;
 /// Why the worker stopped for good.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("the server no longer accepts this agent ({0}); it was evicted or its SVID expired: start it again with a new join token")]
+    #[error(
+        "the server no longer accepts this agent ({0}); it was evicted or its SVID expired: start it again with a new join token"
+    )]
     Rejected(String),
     #[error("stored agent identity: {0}")]
     Identity(#[from] crate::identity::IdentityError),
@@ -49,11 +53,19 @@ enum Unusable {
 
 /// Checks a signed chain before it is served: SVID profile, the ID asked for, our key,
 /// and a signature by one of the bundle's CAs.
-fn verify_received(chain: &[Vec<u8>], want: &SpiffeId, public_key: &[u8], roots: &[Vec<u8>]) -> Result<svid::LeafInfo, Unusable> {
+fn verify_received(
+    chain: &[Vec<u8>],
+    want: &SpiffeId,
+    public_key: &[u8],
+    roots: &[Vec<u8>],
+) -> Result<svid::LeafInfo, Unusable> {
     let leaf = chain.first().ok_or(Unusable::Empty)?;
     let info = svid::check_leaf(leaf, None)?;
     if info.spiffe_id != *want {
-        return Err(Unusable::WrongId { got: info.spiffe_id, want: want.clone() });
+        return Err(Unusable::WrongId {
+            got: info.spiffe_id,
+            want: want.clone(),
+        });
     }
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|_| Unusable::Empty)?;
     if cert.public_key().subject_public_key.data.as_ref() != public_key {
@@ -62,12 +74,16 @@ fn verify_received(chain: &[Vec<u8>], want: &SpiffeId, public_key: &[u8], roots:
     // Walk up through any intermediates; the top must be signed by a bundle root.
     let mut child = cert;
     for der in &chain[1..] {
-        let (_, parent) = x509_parser::parse_x509_certificate(der).map_err(|_| Unusable::Untrusted)?;
-        child.verify_signature(Some(parent.public_key())).map_err(|_| Unusable::Untrusted)?;
+        let (_, parent) =
+            x509_parser::parse_x509_certificate(der).map_err(|_| Unusable::Untrusted)?;
+        child
+            .verify_signature(Some(parent.public_key()))
+            .map_err(|_| Unusable::Untrusted)?;
         child = parent;
     }
     let trusted = roots.iter().any(|root| {
-        x509_parser::parse_x509_certificate(root).is_ok_and(|(_, r)| child.verify_signature(Some(r.public_key())).is_ok())
+        x509_parser::parse_x509_certificate(root)
+            .is_ok_and(|(_, r)| child.verify_signature(Some(r.public_key())).is_ok())
     });
     if !trusted {
         return Err(Unusable::Untrusted);
@@ -77,7 +93,9 @@ fn verify_received(chain: &[Vec<u8>], want: &SpiffeId, public_key: &[u8], roots:
 
 /// The public key bytes (SubjectPublicKeyInfo bit string) of a PKCS#8 P-256 key.
 fn public_key_of(key: &PrivateKey) -> Vec<u8> {
-    rcgen::KeyPair::try_from(key.pkcs8_der()).map(|k| k.public_key_raw().to_vec()).unwrap_or_default()
+    rcgen::KeyPair::try_from(key.pkcs8_der())
+        .map(|k| k.public_key_raw().to_vec())
+        .unwrap_or_default()
 }
 
 /// Handle for the Workload API: the latest snapshot and its changes.
@@ -154,7 +172,10 @@ impl SyncWorker {
 
     /// A status that means the server does not (or no longer) accept this agent.
     fn is_rejection(status: &tonic::Status) -> bool {
-        matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated)
+        matches!(
+            status.code(),
+            Code::PermissionDenied | Code::Unauthenticated
+        )
     }
 
     /// Runs until `shutdown` turns true or the server rejects the agent.
@@ -172,8 +193,8 @@ impl SyncWorker {
                 }
                 Err(status) if Self::is_rejection(&status) => return Err(self.rejected(status)),
                 Err(status) => {
-                    failures += 1;
                     let delay = retry_delay(failures);
+                    failures += 1;
                     tracing::warn!(error = %status.message(), retry_in = ?delay, "cannot reach the server; serving cached SVIDs");
                     tokio::select! {
                         _ = shutdown.changed() => {}
@@ -231,7 +252,10 @@ impl SyncWorker {
                 Some(s) => s.renew_at_ms,
                 None => self.clock.now_ms(),
             };
-            let due = self.retry.get(&e.id).map_or(due, |(retry_at, _)| due.max(*retry_at));
+            let due = self
+                .retry
+                .get(&e.id)
+                .map_or(due, |(retry_at, _)| due.max(*retry_at));
             at = at.min(due);
         }
         instant_at(&*self.clock, at)
@@ -245,18 +269,26 @@ impl SyncWorker {
                 self.bundle_sequence = bundle.sequence;
                 self.files.store(&self.agent, &self.roots)?;
                 // New roots also authenticate the server from now on.
-                self.client = Self::client_for(&self.trust_domain, &self.server_address, &self.agent, &self.roots)?;
+                self.client = Self::client_for(
+                    &self.trust_domain,
+                    &self.server_address,
+                    &self.agent,
+                    &self.roots,
+                )?;
             }
         }
-        let mut old: HashMap<String, CachedEntry> = self.entries.drain(..).map(|e| (e.id.clone(), e)).collect();
+        let mut old: HashMap<String, CachedEntry> =
+            self.entries.drain(..).map(|e| (e.id.clone(), e)).collect();
         for raw in msg.entries {
-            let parsed = SpiffeId::parse(&raw.spiffe_id).map_err(|e| e.to_string()).and_then(|id| {
-                raw.selectors
-                    .iter()
-                    .map(|s| Selector::try_from(s).map_err(|e| e.to_string()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(|sel| (id, sel))
-            });
+            let parsed = SpiffeId::parse(&raw.spiffe_id)
+                .map_err(|e| e.to_string())
+                .and_then(|id| {
+                    raw.selectors
+                        .iter()
+                        .map(|s| Selector::try_from(s).map_err(|e| e.to_string()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|sel| (id, sel))
+                });
             let (spiffe_id, selectors) = match parsed {
                 Ok(p) => p,
                 Err(why) => {
@@ -264,7 +296,10 @@ impl SyncWorker {
                     continue;
                 }
             };
-            let svid = old.remove(&raw.id).and_then(|e| e.svid).filter(|s| s.revision == raw.revision_number);
+            let svid = old
+                .remove(&raw.id)
+                .and_then(|e| e.svid)
+                .filter(|s| s.revision == raw.revision_number);
             self.entries.push(CachedEntry {
                 id: raw.id,
                 spiffe_id,
@@ -274,7 +309,8 @@ impl SyncWorker {
                 svid,
             });
         }
-        self.retry.retain(|id, _| self.entries.iter().any(|e| &e.id == id));
+        self.retry
+            .retain(|id, _| self.entries.iter().any(|e| &e.id == id));
         self.synced = true;
         self.publish();
         Ok(())
@@ -298,7 +334,10 @@ impl SyncWorker {
         let due: Vec<usize> = (0..self.entries.len())
             .filter(|&i| {
                 let e = &self.entries[i];
-                let wanted = e.svid.as_ref().is_none_or(|s| now >= s.renew_at_ms || s.revision != e.revision);
+                let wanted = e
+                    .svid
+                    .as_ref()
+                    .is_none_or(|s| now >= s.renew_at_ms || s.revision != e.revision);
                 wanted && self.retry.get(&e.id).is_none_or(|(at, _)| now >= *at)
             })
             .collect();
@@ -313,12 +352,21 @@ impl SyncWorker {
     }
 
     async fn sign_batch(&mut self, indexes: &[usize]) -> Result<(), SyncError> {
-        let ids: Vec<(String, SpiffeId)> =
-            indexes.iter().map(|&i| (self.entries[i].id.clone(), self.entries[i].spiffe_id.clone())).collect();
+        let ids: Vec<(String, SpiffeId)> = indexes
+            .iter()
+            .map(|&i| {
+                (
+                    self.entries[i].id.clone(),
+                    self.entries[i].spiffe_id.clone(),
+                )
+            })
+            .collect();
         // Key generation is CPU work; keep it off the async workers.
         let keyed = tokio::task::spawn_blocking(move || {
             ids.into_iter()
-                .map(|(entry_id, id)| key_and_csr(Some(&id)).map(|(key, csr)| (entry_id, id, key, csr)))
+                .map(|(entry_id, id)| {
+                    key_and_csr(Some(&id)).map(|(key, csr)| (entry_id, id, key, csr))
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -326,10 +374,17 @@ impl SyncWorker {
         .map_err(|e| SyncError::Tls(rustls::Error::General(e.to_string())))?;
         let requests = keyed
             .iter()
-            .map(|(entry_id, _, _, csr)| SvidRequest { entry_id: entry_id.clone(), csr: csr.clone() })
+            .map(|(entry_id, _, _, csr)| SvidRequest {
+                entry_id: entry_id.clone(),
+                csr: csr.clone(),
+            })
             .collect();
         let now = self.clock.now_ms();
-        let results = match self.client.sign_x509_svids(SignX509SvidsRequest { requests }).await {
+        let results = match self
+            .client
+            .sign_x509_svids(SignX509SvidsRequest { requests })
+            .await
+        {
             Ok(r) => r.into_inner().results,
             Err(status) if Self::is_rejection(&status) => return Err(self.rejected(status)),
             Err(status) => {
@@ -356,7 +411,9 @@ impl SyncWorker {
             let public_key = public_key_of(&key);
             match verify_received(&chain, &id, &public_key, &self.roots) {
                 Ok(info) => {
-                    let Some(entry) = self.entries.iter_mut().find(|e| e.id == entry_id) else { continue };
+                    let Some(entry) = self.entries.iter_mut().find(|e| e.id == entry_id) else {
+                        continue;
+                    };
                     entry.svid = Some(Arc::new(Svid {
                         chain: chain.concat(),
                         key,
@@ -394,10 +451,23 @@ impl SyncWorker {
         };
         let info = verify_received(&chain, &id, &public_key_of(&key), &self.roots)
             .map_err(|e| RenewError::Retry(e.to_string()))?;
-        let agent = AgentSvid { spiffe_id: id, chain, key, not_before: info.not_before, not_after: info.not_after };
-        self.files.store(&agent, &self.roots).map_err(|e| RenewError::Retry(e.to_string()))?;
-        self.client = Self::client_for(&self.trust_domain, &self.server_address, &agent, &self.roots)
+        let agent = AgentSvid {
+            spiffe_id: id,
+            chain,
+            key,
+            not_before: info.not_before,
+            not_after: info.not_after,
+        };
+        self.files
+            .store(&agent, &self.roots)
             .map_err(|e| RenewError::Retry(e.to_string()))?;
+        self.client = Self::client_for(
+            &self.trust_domain,
+            &self.server_address,
+            &agent,
+            &self.roots,
+        )
+        .map_err(|e| RenewError::Retry(e.to_string()))?;
         self.agent_renew_at_ms = renew_at_ms(agent.not_before, agent.not_after, fastrand::f64());
         self.agent = agent;
         tracing::info!(serial = %info.serial_hex, not_after = info.not_after, "renewed the agent SVID");

@@ -35,11 +35,21 @@ impl SpiffeServerVerifier {
                     .map_err(|e| rustls::Error::General(format!("bundle certificate: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        Ok(SpiffeServerVerifier { roots, expected, provider: provider(), insecure: false })
+        Ok(SpiffeServerVerifier {
+            roots,
+            expected,
+            provider: provider(),
+            insecure: false,
+        })
     }
 
     pub fn insecure(expected: SpiffeId) -> Self {
-        SpiffeServerVerifier { roots: vec![], expected, provider: provider(), insecure: true }
+        SpiffeServerVerifier {
+            roots: vec![],
+            expected,
+            provider: provider(),
+            insecure: true,
+        }
     }
 }
 
@@ -55,8 +65,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         if self.insecure {
             return Ok(ServerCertVerified::assertion());
         }
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
             &self.roots,
@@ -67,14 +80,23 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
         )
         .map_err(|e| match e {
-            webpki::Error::CertExpired { .. } => rustls::Error::InvalidCertificate(CertificateError::Expired),
-            webpki::Error::UnknownIssuer => rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
-            other => rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(other)))),
+            webpki::Error::CertExpired { .. } => {
+                rustls::Error::InvalidCertificate(CertificateError::Expired)
+            }
+            webpki::Error::UnknownIssuer => {
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            }
+            other => rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(other)),
+            )),
         })?;
         let id = svid::spiffe_id_of(end_entity)
             .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
         if id != self.expected {
-            return Err(rustls::Error::General(format!("server presented {id}, expected {}", self.expected)));
+            return Err(rustls::Error::General(format!(
+                "server presented {id}, expected {}",
+                self.expected
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -85,7 +107,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -94,10 +121,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

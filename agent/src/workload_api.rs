@@ -70,10 +70,16 @@ fn shutting_down() -> Status {
 
 /// Every call must carry `workload.spiffe.io: true`, exactly once (spec §5.3).
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
-    let values: Vec<_> = req.metadata().get_all(WORKLOAD_SECURITY_HEADER).iter().collect();
+    let values: Vec<_> = req
+        .metadata()
+        .get_all(WORKLOAD_SECURITY_HEADER)
+        .iter()
+        .collect();
     match values.as_slice() {
         [v] if v.as_bytes() == b"true" => Ok(()),
-        _ => Err(Status::invalid_argument("security header missing from request")),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
     }
 }
 
@@ -85,7 +91,10 @@ struct ViewKey {
 }
 
 /// A caller's X509 view: `Ok(None)` while its SVIDs are still being signed.
-fn x509_view(snapshot: &Snapshot, selectors: &[Selector]) -> Result<Option<(ViewKey, X509svidResponse)>, Status> {
+fn x509_view(
+    snapshot: &Snapshot,
+    selectors: &[Selector],
+) -> Result<Option<(ViewKey, X509svidResponse)>, Status> {
     let matched: Vec<_> = snapshot.matching(selectors).collect();
     if matched.is_empty() {
         return Err(no_identity());
@@ -111,25 +120,58 @@ fn x509_view(snapshot: &Snapshot, selectors: &[Selector]) -> Result<Option<(View
     if svids.is_empty() {
         return Ok(None);
     }
-    let key = ViewKey { serials, bundle_sequence: snapshot.bundle_sequence };
-    Ok(Some((key, X509svidResponse { svids, crl: vec![], federated_bundles: HashMap::new() })))
+    let key = ViewKey {
+        serials,
+        bundle_sequence: snapshot.bundle_sequence,
+    };
+    Ok(Some((
+        key,
+        X509svidResponse {
+            svids,
+            crl: vec![],
+            federated_bundles: HashMap::new(),
+        },
+    )))
 }
 
 /// A caller's bundle view: its own trust domain's CAs, if it holds any identity.
-fn bundles_view(td: &TrustDomain, snapshot: &Snapshot, selectors: &[Selector]) -> Result<Option<(u64, X509BundlesResponse)>, Status> {
+fn bundles_view(
+    td: &TrustDomain,
+    snapshot: &Snapshot,
+    selectors: &[Selector],
+) -> Result<Option<(u64, X509BundlesResponse)>, Status> {
     if snapshot.matching(selectors).next().is_none() {
         return Err(no_identity());
     }
     if snapshot.bundle.is_empty() {
         return Ok(None);
     }
-    let bundles = BTreeMap::from([(td.id_string(), snapshot.bundle.to_vec())]).into_iter().collect();
-    Ok(Some((snapshot.bundle_sequence, X509BundlesResponse { crl: vec![], bundles })))
+    let bundles = BTreeMap::from([(td.id_string(), snapshot.bundle.to_vec())])
+        .into_iter()
+        .collect();
+    Ok(Some((
+        snapshot.bundle_sequence,
+        X509BundlesResponse {
+            crl: vec![],
+            bundles,
+        },
+    )))
 }
 
 impl WorkloadApi {
-    pub fn new(trust_domain: TrustDomain, cache: SnapshotRx, attestor: Arc<UnixAttestor>, shutdown: watch::Receiver<bool>) -> Self {
-        WorkloadApi { trust_domain, cache, attestor, shutdown, open_streams: Arc::new(AtomicUsize::new(0)) }
+    pub fn new(
+        trust_domain: TrustDomain,
+        cache: SnapshotRx,
+        attestor: Arc<UnixAttestor>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        WorkloadApi {
+            trust_domain,
+            cache,
+            attestor,
+            shutdown,
+            open_streams: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// Stream tasks alive right now (a cancelled stream must bring this back down).
@@ -144,8 +186,14 @@ impl WorkloadApi {
             .get::<UdsConnectInfo>()
             .and_then(|info| info.peer_cred)
             .ok_or_else(|| Status::unavailable("cannot read the caller's peer credentials"))?;
-        let pid = cred.pid().ok_or_else(|| Status::unavailable("the kernel gave no pid for the caller"))?;
-        let peer = PeerCredentials { pid, uid: cred.uid(), gid: cred.gid() };
+        let pid = cred
+            .pid()
+            .ok_or_else(|| Status::unavailable("the kernel gave no pid for the caller"))?;
+        let peer = PeerCredentials {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+        };
         let attestor = Arc::clone(&self.attestor);
         tokio::task::spawn_blocking(move || attestor.attest(&peer))
             .await
@@ -174,7 +222,11 @@ impl WorkloadApi {
             let mut last: Option<K> = None;
             loop {
                 let snapshot = cache.borrow_and_update().clone();
-                let outcome = if snapshot.synced { view(&snapshot) } else { Ok(None) };
+                let outcome = if snapshot.synced {
+                    view(&snapshot)
+                } else {
+                    Ok(None)
+                };
                 match outcome {
                     Ok(Some((key, msg))) => {
                         if last.as_ref() != Some(&key) {
@@ -210,7 +262,10 @@ impl WorkloadApi {
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = StreamOf<X509svidResponse>;
 
-    async fn fetch_x509svid(&self, req: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&req)?;
         let selectors = self.attest(&req).await?;
         // Unknown callers learn so at once rather than through the stream.
@@ -218,12 +273,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if snapshot.synced && snapshot.matching(&selectors).next().is_none() {
             return Err(no_identity());
         }
-        Ok(Response::new(self.stream(move |s| x509_view(s, &selectors))?))
+        Ok(Response::new(
+            self.stream(move |s| x509_view(s, &selectors))?,
+        ))
     }
 
     type FetchX509BundlesStream = StreamOf<X509BundlesResponse>;
 
-    async fn fetch_x509_bundles(&self, req: Request<X509BundlesRequest>) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&req)?;
         let selectors = self.attest(&req).await?;
         let snapshot = self.cache.borrow().clone();
@@ -231,35 +291,199 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(no_identity());
         }
         let td = self.trust_domain.clone();
-        Ok(Response::new(self.stream(move |s| bundles_view(&td, s, &selectors))?))
+        Ok(Response::new(
+            self.stream(move |s| bundles_view(&td, s, &selectors))?,
+        ))
     }
 
-    async fn fetch_jwtsvid(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&req)?;
-        Err(Status::unimplemented("JWT-SVIDs are not served by this agent yet"))
+        Err(Status::unimplemented(
+            "JWT-SVIDs are not served by this agent yet",
+        ))
     }
 
     type FetchJWTBundlesStream = StreamOf<JwtBundlesResponse>;
 
-    async fn fetch_jwt_bundles(&self, req: Request<JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&req)?;
-        Err(Status::unimplemented("JWT bundles are not served by this agent yet"))
+        Err(Status::unimplemented(
+            "JWT bundles are not served by this agent yet",
+        ))
     }
 
-    async fn validate_jwtsvid(&self, req: Request<ValidateJwtsvidRequest>) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
-        Err(Status::unimplemented("JWT-SVID validation is not served by this agent yet"))
+        Err(Status::unimplemented(
+            "JWT-SVID validation is not served by this agent yet",
+        ))
     }
 
     type FetchWITSVIDStream = StreamOf<WitsvidResponse>;
 
-    async fn fetch_witsvid(&self, _req: Request<WitsvidRequest>) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
-        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    async fn fetch_witsvid(
+        &self,
+        _req: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
     }
 
     type FetchWITBundlesStream = StreamOf<WitBundlesResponse>;
 
-    async fn fetch_wit_bundles(&self, _req: Request<WitBundlesRequest>) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
-        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    async fn fetch_wit_bundles(
+        &self,
+        _req: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{CachedEntry, Svid};
+
+    fn entry(
+        id: &str,
+        spiffe: &str,
+        selectors: &[&str],
+        hint: &str,
+        serial: Option<&str>,
+    ) -> CachedEntry {
+        CachedEntry {
+            id: id.into(),
+            spiffe_id: lanyard_proto::SpiffeId::parse(spiffe).expect("id"),
+            selectors: selectors
+                .iter()
+                .map(|s| Selector::parse(s).expect("selector"))
+                .collect(),
+            hint: hint.into(),
+            revision: 0,
+            svid: serial.map(|serial| {
+                let (key, _) = crate::identity::key_and_csr(None).expect("key");
+                Arc::new(Svid {
+                    chain: vec![1, 2, 3],
+                    key,
+                    serial: serial.into(),
+                    not_before: 0,
+                    not_after: 10,
+                    revision: 0,
+                    renew_at_ms: 5000,
+                })
+            }),
+        }
+    }
+
+    fn snapshot(entries: Vec<CachedEntry>) -> Snapshot {
+        Snapshot {
+            synced: true,
+            entries,
+            bundle: Arc::new(vec![9, 9]),
+            bundle_sequence: 1,
+        }
+    }
+
+    fn sel(s: &[&str]) -> Vec<Selector> {
+        s.iter()
+            .map(|s| Selector::parse(s).expect("selector"))
+            .collect()
+    }
+
+    #[test]
+    fn view_keeps_entry_order_and_unique_hints() {
+        let snap = snapshot(vec![
+            entry("a", "spiffe://td/first", &["unix:uid:1"], "web", Some("01")),
+            entry(
+                "b",
+                "spiffe://td/second",
+                &["unix:uid:1", "unix:gid:2"],
+                "web",
+                Some("02"),
+            ),
+            entry("c", "spiffe://td/third", &["unix:uid:1"], "", Some("03")),
+            entry("d", "spiffe://td/other", &["unix:uid:7"], "", Some("04")),
+        ]);
+        let (key, msg) = x509_view(&snap, &sel(&["unix:uid:1", "unix:gid:2"]))
+            .expect("ok")
+            .expect("ready");
+        let ids: Vec<_> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+        // "b" repeats hint "web" and is dropped; "d" does not match; order is entry order.
+        assert_eq!(ids, ["spiffe://td/first", "spiffe://td/third"]);
+        assert_eq!(key.serials, ["01", "03"]);
+        assert!(msg.svids.iter().all(|s| s.bundle == [9, 9]));
+        assert!(
+            msg.federated_bundles.is_empty(),
+            "own trust domain never in federated_bundles"
+        );
+    }
+
+    #[test]
+    fn no_match_is_permission_denied_and_pending_is_not_ready() {
+        let snap = snapshot(vec![entry("a", "spiffe://td/x", &["unix:uid:1"], "", None)]);
+        let err = x509_view(&snap, &sel(&["unix:uid:2"])).expect_err("no identity");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(err.message(), NO_IDENTITY_ISSUED);
+        assert!(
+            x509_view(&snap, &sel(&["unix:uid:1"]))
+                .expect("ok")
+                .is_none(),
+            "SVID still being signed"
+        );
+    }
+
+    #[test]
+    fn bundles_are_keyed_by_trust_domain_id() {
+        let td = TrustDomain::new("example.org").expect("td");
+        let snap = snapshot(vec![entry(
+            "a",
+            "spiffe://example.org/x",
+            &["unix:uid:1"],
+            "",
+            Some("01"),
+        )]);
+        let (_, msg) = bundles_view(&td, &snap, &sel(&["unix:uid:1"]))
+            .expect("ok")
+            .expect("ready");
+        assert_eq!(msg.bundles.get("spiffe://example.org"), Some(&vec![9, 9]));
+        assert!(bundles_view(&td, &snap, &sel(&["unix:uid:5"])).is_err());
+    }
+
+    #[test]
+    fn security_header_must_be_exactly_true_once() {
+        let mut ok = Request::new(());
+        ok.metadata_mut()
+            .insert(WORKLOAD_SECURITY_HEADER, "true".parse().expect("value"));
+        assert!(check_header(&ok).is_ok());
+        for bad in ["True", "false", ""] {
+            let mut req = Request::new(());
+            req.metadata_mut()
+                .insert(WORKLOAD_SECURITY_HEADER, bad.parse().expect("value"));
+            assert_eq!(
+                check_header(&req).expect_err(bad).code(),
+                tonic::Code::InvalidArgument
+            );
+        }
+        assert!(check_header(&Request::new(())).is_err());
+        let mut twice = Request::new(());
+        twice
+            .metadata_mut()
+            .append(WORKLOAD_SECURITY_HEADER, "true".parse().expect("value"));
+        twice
+            .metadata_mut()
+            .append(WORKLOAD_SECURITY_HEADER, "true".parse().expect("value"));
+        assert!(check_header(&twice).is_err());
     }
 }

@@ -4,5 +4,5 @@
 //! Workload API into selectors such as `unix:uid:1001`; node attestors prove what the runner an
 //! agent runs on is. Nothing a caller says about itself is trusted.
 
-pub mod workload;
 pub mod node;
+pub mod workload;

@@ -9,7 +9,12 @@ use std::path::Path;
 /// Writes `bytes` to `path` with mode 0600: a temporary file beside it, fsync, rename.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     // `mode` applies only to a new file; a leftover temporary file gets 0600 too.
     f.set_permissions(fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)?;

@@ -2,9 +2,9 @@
 //! admin APIs, and the identity types they carry. The only I/O here is `uds`, the Unix
 //! socket channel both binaries use.
 
+pub mod files;
 pub mod selector;
 pub mod spiffe_id;
-pub mod files;
 pub mod svid;
 pub mod uds;
 

@@ -13,7 +13,11 @@ pub async fn channel(path: impl Into<PathBuf>) -> Result<Channel, tonic::transpo
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await
 }
@@ -23,13 +27,17 @@ pub async fn channel(path: impl Into<PathBuf>) -> Result<Channel, tonic::transpo
 pub fn socket_path_from_uri(raw: &str) -> Result<PathBuf, String> {
     let path = if let Some(rest) = raw.strip_prefix("unix://") {
         if !rest.starts_with('/') {
-            return Err(format!("\"{raw}\" names a host; write unix:///absolute/path"));
+            return Err(format!(
+                "\"{raw}\" names a host; write unix:///absolute/path"
+            ));
         }
         rest
     } else if let Some(rest) = raw.strip_prefix("unix:") {
         rest
     } else if raw.starts_with("tcp:") {
-        return Err(format!("\"{raw}\": this agent serves the Workload API on a Unix socket only"));
+        return Err(format!(
+            "\"{raw}\": this agent serves the Workload API on a Unix socket only"
+        ));
     } else {
         raw
     };
@@ -45,9 +53,18 @@ mod tests {
 
     #[test]
     fn endpoint_addresses() {
-        assert_eq!(p("unix:///run/a.sock").as_deref(), Ok(std::path::Path::new("/run/a.sock")));
-        assert_eq!(p("unix:/run/a.sock").as_deref(), Ok(std::path::Path::new("/run/a.sock")));
-        assert_eq!(p("/run/a.sock").as_deref(), Ok(std::path::Path::new("/run/a.sock")));
+        assert_eq!(
+            p("unix:///run/a.sock").as_deref(),
+            Ok(std::path::Path::new("/run/a.sock"))
+        );
+        assert_eq!(
+            p("unix:/run/a.sock").as_deref(),
+            Ok(std::path::Path::new("/run/a.sock"))
+        );
+        assert_eq!(
+            p("/run/a.sock").as_deref(),
+            Ok(std::path::Path::new("/run/a.sock"))
+        );
         assert!(p("unix://host/x").is_err());
         assert!(p("unix:rel").is_err());
         assert!(p("tcp://127.0.0.1:1").is_err());

@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lanyard_proto::{SpiffeId, TrustDomain};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::CertificateSigningRequestDer;
@@ -25,7 +25,10 @@ const BACKDATE: Duration = Duration::from_secs(10);
 #[non_exhaustive]
 pub enum CaError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("CA key file {0} does not hold a P-256 PKCS#8 key")]
     BadKey(PathBuf),
     #[error("CA certificate {path} is unusable: {reason}")]
@@ -70,7 +73,8 @@ impl VerifiedCsr {
     /// it names at most one URI SAN, a valid SPIFFE ID.
     pub fn parse(der: &[u8]) -> Result<Self, CaError> {
         let csr_der = CertificateSigningRequestDer::from(der);
-        let params = CertificateSigningRequestParams::from_der(&csr_der).map_err(|_| CaError::BadCsr)?;
+        let params =
+            CertificateSigningRequestParams::from_der(&csr_der).map_err(|_| CaError::BadCsr)?;
         if params.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::CsrAlgorithm);
         }
@@ -85,7 +89,9 @@ impl VerifiedCsr {
             .collect();
         let spiffe_id = match uris.as_slice() {
             [] => None,
-            [uri] => Some(SpiffeId::parse(uri).map_err(|e| CaError::CsrBadId(format!("\"{uri}\": {e}")))?),
+            [uri] => Some(
+                SpiffeId::parse(uri).map_err(|e| CaError::CsrBadId(format!("\"{uri}\": {e}")))?,
+            ),
             more => return Err(CaError::CsrUriCount(more.len())),
         };
         Ok(VerifiedCsr { spiffe_id, params })
@@ -116,12 +122,18 @@ impl std::fmt::Debug for Ca {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io { path: path.to_path_buf(), source }
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn offset(unix: i64) -> time::OffsetDateTime {
@@ -137,7 +149,11 @@ impl Ca {
     /// Loads the CA from `dir` (`ca.key`, `ca.pem`), or creates a new one valid for
     /// `ttl` if there is none or the stored one has expired. Returns the CA and whether
     /// it was created.
-    pub fn load_or_create(dir: &Path, trust_domain: &TrustDomain, ttl: Duration) -> Result<(Self, bool), CaError> {
+    pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        ttl: Duration,
+    ) -> Result<(Self, bool), CaError> {
         let key_path = dir.join("ca.key");
         let cert_path = dir.join("ca.pem");
         if key_path.exists() && cert_path.exists() {
@@ -150,26 +166,47 @@ impl Ca {
         let ca = Self::create(trust_domain, ttl)?;
         let key = KeyPairPem::from(ca.issuer.key());
         write_private(&key_path, key.0.as_bytes())?;
-        write_private(&cert_path, pem::encode(&pem::Pem::new("CERTIFICATE", ca.cert_der.clone())).as_bytes())?;
+        write_private(
+            &cert_path,
+            pem::encode(&pem::Pem::new("CERTIFICATE", ca.cert_der.clone())).as_bytes(),
+        )?;
         Ok((ca, true))
     }
 
-    fn load(key_path: &Path, cert_path: &Path, trust_domain: &TrustDomain) -> Result<Self, CaError> {
+    fn load(
+        key_path: &Path,
+        cert_path: &Path,
+        trust_domain: &TrustDomain,
+    ) -> Result<Self, CaError> {
         let key_pem = Zeroizing::new(fs::read_to_string(key_path).map_err(io_err(key_path))?);
-        let key = KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadKey(key_path.to_path_buf()))?;
+        let key =
+            KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadKey(key_path.to_path_buf()))?;
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::BadKey(key_path.to_path_buf()));
         }
-        let bad = |reason: String| CaError::BadCert { path: cert_path.to_path_buf(), reason };
+        let bad = |reason: String| CaError::BadCert {
+            path: cert_path.to_path_buf(),
+            reason,
+        };
         let cert_pem = fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
-        let cert_der = pem::parse(&cert_pem).map_err(|e| bad(e.to_string()))?.into_contents();
+        let cert_der = pem::parse(&cert_pem)
+            .map_err(|e| bad(e.to_string()))?
+            .into_contents();
         let not_after = lanyard_proto::svid::check_ca(&cert_der).map_err(|e| bad(e.to_string()))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der).map_err(|e| bad(e.to_string()))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| bad(e.to_string()))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(bad("it does not match ca.key".into()));
         }
-        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key).map_err(|e| bad(e.to_string()))?;
-        Ok(Ca { trust_domain: trust_domain.clone(), cert_der, not_after, issuer, rng: SystemRandom::new() })
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Ca {
+            trust_domain: trust_domain.clone(),
+            cert_der,
+            not_after,
+            issuer,
+            rng: SystemRandom::new(),
+        })
     }
 
     /// A new self-signed root: cA=true, keyUsage critical keyCertSign+cRLSign, URI SAN
@@ -185,7 +222,11 @@ impl Ca {
         dn.push(DnType::CommonName, format!("Lanyard CA {}", trust_domain));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.subject_alt_names = vec![SanType::URI(trust_domain.id_string().try_into()?)];
         params.not_before = offset(now - BACKDATE.as_secs() as i64);
         params.not_after = offset(now + ttl.as_secs() as i64);
@@ -194,7 +235,13 @@ impl Ca {
         let cert_der = cert.der().to_vec();
         let not_after = now + ttl.as_secs() as i64;
         let issuer = Issuer::new(params, key);
-        Ok(Ca { trust_domain: trust_domain.clone(), cert_der, not_after, issuer, rng })
+        Ok(Ca {
+            trust_domain: trust_domain.clone(),
+            cert_der,
+            not_after,
+            issuer,
+            rng,
+        })
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -241,9 +288,16 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
             KeyUsagePurpose::KeyAgreement,
         ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.subject_alt_names = std::iter::once(Ok(SanType::URI(id.as_str().try_into()?)))
-            .chain(dns_names.iter().map(|d| Ok(SanType::DnsName(d.as_str().try_into()?))))
+            .chain(
+                dns_names
+                    .iter()
+                    .map(|d| Ok(SanType::DnsName(d.as_str().try_into()?))),
+            )
             .collect::<Result<_, rcgen::Error>>()?;
         params.use_authority_key_identifier_extension = true;
         params.not_before = offset(now - BACKDATE.as_secs() as i64);
@@ -252,7 +306,11 @@ impl Ca {
         let serial_hex = hex_trimmed(&serial.to_bytes());
         params.serial_number = Some(serial);
         let cert = params.signed_by(public_key, &self.issuer)?;
-        Ok(SignedSvid { chain: vec![cert.der().to_vec()], serial_hex, not_after })
+        Ok(SignedSvid {
+            chain: vec![cert.der().to_vec()],
+            serial_hex,
+            not_after,
+        })
     }
 }
 
@@ -269,7 +327,10 @@ fn random_serial(rng: &SystemRandom) -> SerialNumber {
 
 /// Lowercase hex without leading zero octets, the form the datastore and logs use.
 pub fn hex_trimmed(bytes: &[u8]) -> String {
-    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    let start = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
     hex::encode(&bytes[start..])
 }
 
@@ -308,14 +369,22 @@ mod tests {
         let csr = VerifiedCsr::parse(&csr).expect("csr");
         let id = csr.spiffe_id.clone().expect("id");
         let svid = ca
-            .sign_svid(&id, &csr.params.public_key, Duration::from_secs(7200), &["web.example.org".into()])
+            .sign_svid(
+                &id,
+                &csr.params.public_key,
+                Duration::from_secs(7200),
+                &["web.example.org".into()],
+            )
             .expect("sign");
         let info = check_leaf(&svid.chain[0], Some(ca.not_after())).expect("leaf profile");
         assert_eq!(info.spiffe_id.as_str(), "spiffe://example.org/web");
         // A TTL longer than the CA's remaining life is capped at the CA's notAfter.
         assert_eq!(info.not_after, ca.not_after());
         assert_eq!(info.serial_hex, svid.serial_hex);
-        assert!(svid.serial_hex.len() <= 32 && svid.serial_hex.len() >= 24, "128-bit serial");
+        assert!(
+            svid.serial_hex.len() <= 32 && svid.serial_hex.len() >= 24,
+            "128-bit serial"
+        );
     }
 
     #[test]
@@ -324,43 +393,70 @@ mod tests {
         let (_k, csr) = csr_for("spiffe://example.org/a");
         let csr = VerifiedCsr::parse(&csr).expect("csr");
         let id = csr.spiffe_id.clone().expect("id");
-        let a = ca.sign_svid(&id, csr.public_key(), Duration::from_secs(60), &[]).expect("a");
-        let b = ca.sign_svid(&id, csr.public_key(), Duration::from_secs(60), &[]).expect("b");
+        let a = ca
+            .sign_svid(&id, csr.public_key(), Duration::from_secs(60), &[])
+            .expect("a");
+        let b = ca
+            .sign_svid(&id, csr.public_key(), Duration::from_secs(60), &[])
+            .expect("b");
         assert_ne!(a.serial_hex, b.serial_hex);
     }
 
     #[test]
     fn bad_csrs_are_refused() {
-        assert!(matches!(VerifiedCsr::parse(b"not a csr"), Err(CaError::BadCsr)));
+        assert!(matches!(
+            VerifiedCsr::parse(b"not a csr"),
+            Err(CaError::BadCsr)
+        ));
         let (_k, mut csr) = csr_for("spiffe://example.org/a");
         let last = csr.len() - 1;
         csr[last] ^= 0x01; // break the signature
         assert!(matches!(VerifiedCsr::parse(&csr), Err(CaError::BadCsr)));
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
-        let none = CertificateParams::default().serialize_request(&key).expect("csr");
-        assert!(VerifiedCsr::parse(none.der()).expect("csr without SAN").spiffe_id.is_none());
+        let none = CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr");
+        assert!(
+            VerifiedCsr::parse(none.der())
+                .expect("csr without SAN")
+                .spiffe_id
+                .is_none()
+        );
         let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
         let mut p = CertificateParams::default();
-        p.subject_alt_names = vec![SanType::URI("spiffe://example.org/a".try_into().expect("uri"))];
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://example.org/a".try_into().expect("uri"),
+        )];
         let ed_csr = p.serialize_request(&ed).expect("csr");
-        assert!(matches!(VerifiedCsr::parse(ed_csr.der()), Err(CaError::CsrAlgorithm)));
+        assert!(matches!(
+            VerifiedCsr::parse(ed_csr.der()),
+            Err(CaError::CsrAlgorithm)
+        ));
     }
 
     #[test]
     fn ca_persists_0600_and_reloads() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (a, created) = Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600)).expect("create");
+        let (a, created) =
+            Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600)).expect("create");
         assert!(created);
-        let mode = fs::metadata(dir.path().join("ca.key")).expect("meta").permissions().mode() & 0o777;
+        let mode = fs::metadata(dir.path().join("ca.key"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
-        let (b, created) = Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600)).expect("load");
+        let (b, created) =
+            Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600)).expect("load");
         assert!(!created);
         assert_eq!(a.cert_der(), b.cert_der());
         // The reloaded CA signs leaves that chain to the same root.
         let (_k, csr) = csr_for("spiffe://example.org/a");
         let csr = VerifiedCsr::parse(&csr).expect("csr");
         let id = csr.spiffe_id.clone().expect("id");
-        let svid = b.sign_svid(&id, csr.public_key(), Duration::from_secs(60), &[]).expect("sign");
+        let svid = b
+            .sign_svid(&id, csr.public_key(), Duration::from_secs(60), &[])
+            .expect("sign");
         let (_, leaf) = x509_parser::parse_x509_certificate(&svid.chain[0]).expect("leaf");
         let (_, root) = x509_parser::parse_x509_certificate(a.cert_der()).expect("root");
         assert!(leaf.verify_signature(Some(root.public_key())).is_ok());

@@ -13,7 +13,11 @@ use tonic::transport::Channel;
 use crate::config::{DEFAULT_ADMIN_SOCKET, RunArgs};
 
 #[derive(Debug, Parser)]
-#[command(name = "lanyard-server", version, about = "Lanyard signing server: the trust domain's CA")]
+#[command(
+    name = "lanyard-server",
+    version,
+    about = "Lanyard signing server: the trust domain's CA"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -188,10 +192,14 @@ impl From<tonic::Status> for ClientError {
 }
 
 async fn connect(args: &ClientArgs) -> Result<AdminServiceClient<Channel>, ClientError> {
-    let channel = lanyard_proto::uds::channel(&args.admin_socket).await.map_err(|e| ClientError::Connect {
-        path: args.admin_socket.clone(),
-        reason: std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string()),
-    })?;
+    let channel = lanyard_proto::uds::channel(&args.admin_socket)
+        .await
+        .map_err(|e| ClientError::Connect {
+            path: args.admin_socket.clone(),
+            reason: std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_else(|| e.to_string()),
+        })?;
     Ok(AdminServiceClient::new(channel))
 }
 
@@ -218,7 +226,11 @@ fn entry_text(e: &types::Entry) -> String {
         "Entry ID         : {}\nSPIFFE ID        : {}\nParent ID        : {}\nRevision         : {}\n",
         e.id, e.spiffe_id, e.parent_id, e.revision_number
     );
-    let ttl = if e.x509_svid_ttl == 0 { "default".to_string() } else { e.x509_svid_ttl.to_string() };
+    let ttl = if e.x509_svid_ttl == 0 {
+        "default".to_string()
+    } else {
+        e.x509_svid_ttl.to_string()
+    };
     out += &format!("X509-SVID TTL    : {ttl}\n");
     for s in &e.selectors {
         out += &format!("Selector         : {}:{}\n", s.r#type, s.value);
@@ -234,9 +246,16 @@ fn entry_text(e: &types::Entry) -> String {
 
 fn print_entries(entries: &[types::Entry], output: Output) {
     match output {
-        Output::Json => println!("{}", serde_json::json!({ "entries": entries.iter().map(entry_json).collect::<Vec<_>>() })),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "entries": entries.iter().map(entry_json).collect::<Vec<_>>() })
+        ),
         Output::Text => {
-            println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+            println!(
+                "Found {} entr{}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            );
             for e in entries {
                 println!("\n{}", entry_text(e).trim_end());
             }
@@ -258,7 +277,10 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 hint: fields.hint.unwrap_or_default(),
                 ..Default::default()
             };
-            let created = connect(&client).await?.create_entry(CreateEntryRequest { entry: Some(entry) }).await?;
+            let created = connect(&client)
+                .await?
+                .create_entry(CreateEntryRequest { entry: Some(entry) })
+                .await?;
             let e = created.into_inner();
             match client.output {
                 Output::Json => println!("{}", entry_json(&e)),
@@ -266,13 +288,24 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             }
             Ok(())
         }
-        Command::Entry(EntryCommand::Show { id, spiffe_id, parent_id, selectors, client }) => {
+        Command::Entry(EntryCommand::Show {
+            id,
+            spiffe_id,
+            parent_id,
+            selectors,
+            client,
+        }) => {
             let req = ListEntriesRequest {
                 spiffe_id: spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
                 parent_id: parent_id.map(|i| i.to_string()).unwrap_or_default(),
                 selectors: selectors_to_proto(&selectors),
             };
-            let mut entries = connect(&client).await?.list_entries(req).await?.into_inner().entries;
+            let mut entries = connect(&client)
+                .await?
+                .list_entries(req)
+                .await?
+                .into_inner()
+                .entries;
             if let Some(id) = id {
                 entries.retain(|e| e.id == id);
             }
@@ -290,15 +323,32 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 .find(|e| e.id == id)
                 .ok_or_else(|| ClientError::Server(format!("no entry with id {id}")))?;
             let entry = types::Entry {
-                spiffe_id: fields.spiffe_id.map(|i| i.to_string()).unwrap_or(current.spiffe_id),
-                parent_id: fields.parent_id.map(|i| i.to_string()).unwrap_or(current.parent_id),
-                selectors: if fields.selectors.is_empty() { current.selectors } else { selectors_to_proto(&fields.selectors) },
+                spiffe_id: fields
+                    .spiffe_id
+                    .map(|i| i.to_string())
+                    .unwrap_or(current.spiffe_id),
+                parent_id: fields
+                    .parent_id
+                    .map(|i| i.to_string())
+                    .unwrap_or(current.parent_id),
+                selectors: if fields.selectors.is_empty() {
+                    current.selectors
+                } else {
+                    selectors_to_proto(&fields.selectors)
+                },
                 x509_svid_ttl: fields.x509_svid_ttl.unwrap_or(current.x509_svid_ttl),
-                dns_names: if fields.dns_names.is_empty() { current.dns_names } else { fields.dns_names },
+                dns_names: if fields.dns_names.is_empty() {
+                    current.dns_names
+                } else {
+                    fields.dns_names
+                },
                 hint: fields.hint.unwrap_or(current.hint),
                 ..current
             };
-            let e = admin.update_entry(UpdateEntryRequest { entry: Some(entry) }).await?.into_inner();
+            let e = admin
+                .update_entry(UpdateEntryRequest { entry: Some(entry) })
+                .await?
+                .into_inner();
             match client.output {
                 Output::Json => println!("{}", entry_json(&e)),
                 Output::Text => print!("{}", entry_text(&e)),
@@ -306,16 +356,30 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Entry(EntryCommand::Delete { id, client }) => {
-            connect(&client).await?.delete_entry(DeleteEntryRequest { id: id.clone() }).await?;
+            connect(&client)
+                .await?
+                .delete_entry(DeleteEntryRequest { id: id.clone() })
+                .await?;
             match client.output {
                 Output::Json => println!("{}", serde_json::json!({ "deleted": id })),
                 Output::Text => println!("Deleted entry {id}"),
             }
             Ok(())
         }
-        Command::Token(TokenCommand::Generate { spiffe_id, ttl, client }) => {
-            let req = CreateJoinTokenRequest { ttl, spiffe_id: spiffe_id.map(|i| i.to_string()).unwrap_or_default() };
-            let t = connect(&client).await?.create_join_token(req).await?.into_inner();
+        Command::Token(TokenCommand::Generate {
+            spiffe_id,
+            ttl,
+            client,
+        }) => {
+            let req = CreateJoinTokenRequest {
+                ttl,
+                spiffe_id: spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
+            };
+            let t = connect(&client)
+                .await?
+                .create_join_token(req)
+                .await?
+                .into_inner();
             match client.output {
                 Output::Json => println!(
                     "{}",
@@ -326,7 +390,12 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Agent(AgentCommand::List(client)) => {
-            let agents = connect(&client).await?.list_agents(ListAgentsRequest {}).await?.into_inner().agents;
+            let agents = connect(&client)
+                .await?
+                .list_agents(ListAgentsRequest {})
+                .await?
+                .into_inner()
+                .agents;
             match client.output {
                 Output::Json => println!(
                     "{}",
@@ -341,7 +410,11 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     })).collect::<Vec<_>>() })
                 ),
                 Output::Text => {
-                    println!("Found {} attested agent{}", agents.len(), if agents.len() == 1 { "" } else { "s" });
+                    println!(
+                        "Found {} attested agent{}",
+                        agents.len(),
+                        if agents.len() == 1 { "" } else { "s" }
+                    );
                     for a in &agents {
                         println!("\nSPIFFE ID        : {}", a.spiffe_id);
                         println!("Attestation type : {}", a.attestation_type);
@@ -356,17 +429,32 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Agent(AgentCommand::Evict { spiffe_id, client }) => {
-            connect(&client).await?.evict_agent(EvictAgentRequest { spiffe_id: spiffe_id.to_string() }).await?;
+            connect(&client)
+                .await?
+                .evict_agent(EvictAgentRequest {
+                    spiffe_id: spiffe_id.to_string(),
+                })
+                .await?;
             match client.output {
-                Output::Json => println!("{}", serde_json::json!({ "evicted": spiffe_id.to_string() })),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({ "evicted": spiffe_id.to_string() })
+                ),
                 Output::Text => println!("Evicted agent {spiffe_id}"),
             }
             Ok(())
         }
         Command::Bundle(BundleCommand::Show(client)) => {
-            let bundle = connect(&client).await?.get_bundle(GetBundleRequest {}).await?.into_inner();
-            let pems: Vec<String> =
-                bundle.x509_authorities.iter().map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()))).collect();
+            let bundle = connect(&client)
+                .await?
+                .get_bundle(GetBundleRequest {})
+                .await?
+                .into_inner();
+            let pems: Vec<String> = bundle
+                .x509_authorities
+                .iter()
+                .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+                .collect();
             match client.output {
                 Output::Json => println!(
                     "{}",
@@ -377,13 +465,19 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Healthcheck(client) => {
-            let channel = lanyard_proto::uds::channel(&client.admin_socket).await.map_err(|e| ClientError::Connect {
-                path: client.admin_socket.clone(),
-                reason: std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string()),
-            })?;
+            let channel = lanyard_proto::uds::channel(&client.admin_socket)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    path: client.admin_socket.clone(),
+                    reason: std::error::Error::source(&e)
+                        .map(ToString::to_string)
+                        .unwrap_or_else(|| e.to_string()),
+                })?;
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let status = health
-                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await?
                 .into_inner()
                 .status;

@@ -85,15 +85,25 @@ pub struct ServerConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("trust_domain is required (in the config file or as --trust-domain)")]
     MissingTrustDomain,
     #[error("trust_domain \"{value}\" is invalid: {source}")]
-    TrustDomain { value: String, source: lanyard_proto::IdError },
+    TrustDomain {
+        value: String,
+        source: lanyard_proto::IdError,
+    },
     #[error("{key} must be at least {min} seconds, got {got}")]
-    TooShort { key: &'static str, min: u64, got: u64 },
+    TooShort {
+        key: &'static str,
+        min: u64,
+        got: u64,
+    },
     #[error("default_x509_svid_ttl ({svid}) must be shorter than ca_ttl ({ca})")]
     SvidOutlivesCa { svid: Ttl, ca: Ttl },
     #[error("log_level \"{0}\" is not one of trace, debug, info, warn, error")]
@@ -101,12 +111,22 @@ pub enum ConfigError {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.into(),
         // toml's message spans several lines with a source excerpt; keep the first.
-        message: e.message().lines().next().unwrap_or("syntax error").to_string()
-            + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+        message: e
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("syntax error")
+            .to_string()
+            + &e.span()
+                .map(|s| format!(" (at byte {})", s.start))
+                .unwrap_or_default(),
     })
 }
 
@@ -117,32 +137,66 @@ impl ServerConfig {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let td_raw = args.trust_domain.clone().or(file.trust_domain).ok_or(ConfigError::MissingTrustDomain)?;
+        let td_raw = args
+            .trust_domain
+            .clone()
+            .or(file.trust_domain)
+            .ok_or(ConfigError::MissingTrustDomain)?;
         let trust_domain =
-            TrustDomain::new(&td_raw).map_err(|source| ConfigError::TrustDomain { value: td_raw.clone(), source })?;
-        let ca_ttl = args.ca_ttl.or(file.ca_ttl).unwrap_or(Ttl::secs(365 * 86400));
-        let default_x509_svid_ttl = args.default_x509_svid_ttl.or(file.default_x509_svid_ttl).unwrap_or(Ttl::secs(3600));
-        for (key, ttl) in [("ca_ttl", ca_ttl), ("default_x509_svid_ttl", default_x509_svid_ttl)] {
+            TrustDomain::new(&td_raw).map_err(|source| ConfigError::TrustDomain {
+                value: td_raw.clone(),
+                source,
+            })?;
+        let ca_ttl = args
+            .ca_ttl
+            .or(file.ca_ttl)
+            .unwrap_or(Ttl::secs(365 * 86400));
+        let default_x509_svid_ttl = args
+            .default_x509_svid_ttl
+            .or(file.default_x509_svid_ttl)
+            .unwrap_or(Ttl::secs(3600));
+        for (key, ttl) in [
+            ("ca_ttl", ca_ttl),
+            ("default_x509_svid_ttl", default_x509_svid_ttl),
+        ] {
             if ttl.as_secs() < 10 {
-                return Err(ConfigError::TooShort { key, min: 10, got: ttl.as_secs() });
+                return Err(ConfigError::TooShort {
+                    key,
+                    min: 10,
+                    got: ttl.as_secs(),
+                });
             }
         }
         if default_x509_svid_ttl >= ca_ttl {
-            return Err(ConfigError::SvidOutlivesCa { svid: default_x509_svid_ttl, ca: ca_ttl });
+            return Err(ConfigError::SvidOutlivesCa {
+                svid: default_x509_svid_ttl,
+                ca: ca_ttl,
+            });
         }
-        let log_level = args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into());
+        let log_level = args
+            .log_level
+            .clone()
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".into());
         if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
             return Err(ConfigError::LogLevel(log_level));
         }
         Ok(ServerConfig {
             trust_domain,
-            bind_address: args.bind_address.or(file.bind_address).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8081))),
+            bind_address: args
+                .bind_address
+                .or(file.bind_address)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8081))),
             admin_socket: args
                 .admin_socket
                 .clone()
                 .or(file.admin_socket)
                 .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
-            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| "/var/lib/lanyard/server".into()),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| "/var/lib/lanyard/server".into()),
             ca_ttl,
             default_x509_svid_ttl,
             log_level,
@@ -159,17 +213,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("server.toml");
         std::fs::write(&path, text).expect("write");
-        ServerConfig::load(&RunArgs { config: Some(path), ..RunArgs::default() })
+        ServerConfig::load(&RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        })
     }
 
     #[test]
     fn file_and_flags_merge() {
-        let c = load_text("trust_domain = \"example.org\"\nca_ttl = \"2d\"\ndefault_x509_svid_ttl = 60\n").expect("ok");
+        let c = load_text(
+            "trust_domain = \"example.org\"\nca_ttl = \"2d\"\ndefault_x509_svid_ttl = 60\n",
+        )
+        .expect("ok");
         assert_eq!(c.trust_domain.as_str(), "example.org");
         assert_eq!(c.ca_ttl, Ttl::secs(172800));
         assert_eq!(c.default_x509_svid_ttl, Ttl::secs(60));
-        let flags = RunArgs { trust_domain: Some("other.org".into()), ..RunArgs::default() };
-        assert_eq!(ServerConfig::load(&flags).expect("ok").trust_domain.as_str(), "other.org");
+        let flags = RunArgs {
+            trust_domain: Some("other.org".into()),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            ServerConfig::load(&flags)
+                .expect("ok")
+                .trust_domain
+                .as_str(),
+            "other.org"
+        );
     }
 
     #[test]
@@ -180,7 +249,13 @@ mod tests {
         assert!(e.to_string().contains("Example.org"), "{e}");
         let e = load_text("trust_domain = ").expect_err("syntax");
         assert!(e.to_string().contains("invalid"), "{e}");
-        assert!(matches!(load_text(""), Err(ConfigError::MissingTrustDomain)));
-        assert!(matches!(load_text("trust_domain = \"a\"\nca_ttl = 5"), Err(ConfigError::TooShort { .. })));
+        assert!(matches!(
+            load_text(""),
+            Err(ConfigError::MissingTrustDomain)
+        ));
+        assert!(matches!(
+            load_text("trust_domain = \"a\"\nca_ttl = 5"),
+            Err(ConfigError::TooShort { .. })
+        ));
     }
 }

@@ -25,15 +25,19 @@ impl FromStr for Ttl {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("\"{s}\" is not a duration; write seconds or a number with s, m, h or d"))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("\"{s}\" is not a duration; write seconds or a number with s, m, h or d")
+        })?;
         let mult = match unit {
             "" | "s" => 1,
             "m" => 60,
             "h" => 3600,
             "d" => 86400,
-            _ => return Err(format!("\"{s}\" has unknown unit \"{unit}\"; use s, m, h or d")),
+            _ => {
+                return Err(format!(
+                    "\"{s}\" has unknown unit \"{unit}\"; use s, m, h or d"
+                ));
+            }
         };
         n.checked_mul(mult)
             .map(Ttl::secs)

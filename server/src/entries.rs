@@ -69,7 +69,10 @@ impl EntrySnapshot {
         }
         picked.sort_unstable();
         picked.dedup();
-        picked.into_iter().map(|i| Arc::clone(&self.entries[i])).collect()
+        picked
+            .into_iter()
+            .map(|i| Arc::clone(&self.entries[i]))
+            .collect()
     }
 }
 
@@ -86,7 +89,10 @@ mod tests {
             id: format!("e{n}"),
             spiffe_id: id(spiffe),
             parent_id: id(parent),
-            selectors: sel.iter().map(|s| Selector::parse(s).expect("sel")).collect(),
+            selectors: sel
+                .iter()
+                .map(|s| Selector::parse(s).expect("sel"))
+                .collect(),
             x509_svid_ttl: 0,
             dns_names: vec![],
             hint: String::new(),
@@ -100,16 +106,40 @@ mod tests {
         let server = id("spiffe://td/lanyard/server");
         let agent = id("spiffe://td/lanyard/agent/join_token/a");
         let snap = EntrySnapshot::new(vec![
-            entry(1, "spiffe://td/runner", "spiffe://td/lanyard/server", &["join_token:a"]),
+            entry(
+                1,
+                "spiffe://td/runner",
+                "spiffe://td/lanyard/server",
+                &["join_token:a"],
+            ),
             entry(2, "spiffe://td/job", "spiffe://td/runner", &["unix:uid:1"]),
-            entry(3, "spiffe://td/direct", "spiffe://td/lanyard/agent/join_token/a", &["unix:uid:2"]),
+            entry(
+                3,
+                "spiffe://td/direct",
+                "spiffe://td/lanyard/agent/join_token/a",
+                &["unix:uid:2"],
+            ),
             entry(4, "spiffe://td/nested", "spiffe://td/job", &["unix:uid:3"]),
-            entry(5, "spiffe://td/other", "spiffe://td/lanyard/agent/join_token/b", &["unix:uid:1"]),
-            entry(6, "spiffe://td/other-runner", "spiffe://td/lanyard/server", &["join_token:b"]),
+            entry(
+                5,
+                "spiffe://td/other",
+                "spiffe://td/lanyard/agent/join_token/b",
+                &["unix:uid:1"],
+            ),
+            entry(
+                6,
+                "spiffe://td/other-runner",
+                "spiffe://td/lanyard/server",
+                &["join_token:b"],
+            ),
         ]);
         let aliases = snap.aliases(&server, &[Selector::parse("join_token:a").expect("sel")]);
         assert_eq!(aliases, vec![id("spiffe://td/runner")]);
-        let got: Vec<String> = snap.authorized(&agent, &aliases).iter().map(|e| e.id.clone()).collect();
+        let got: Vec<String> = snap
+            .authorized(&agent, &aliases)
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
         assert_eq!(got, vec!["e2", "e3", "e4"]);
         let stranger = id("spiffe://td/lanyard/agent/join_token/z");
         assert!(snap.authorized(&stranger, &[]).is_empty());

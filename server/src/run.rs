@@ -28,11 +28,20 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 #[non_exhaustive]
 pub enum RunError {
     #[error("data_dir {path}: {source}")]
-    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("admin socket {path}: {reason}")]
-    AdminSocket { path: std::path::PathBuf, reason: String },
+    AdminSocket {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
     #[error(transparent)]
@@ -50,13 +59,23 @@ fn ensure_private_dir(path: &Path) -> std::io::Result<()> {
 
 /// Binds the admin socket in a directory only the server's user can enter.
 fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
-    let err = |reason: String| RunError::AdminSocket { path: path.to_path_buf(), reason };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let err = |reason: String| RunError::AdminSocket {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| err(e.to_string()))?;
     }
-    let mode = std::fs::metadata(dir).map_err(|e| err(e.to_string()))?.permissions().mode();
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| err(e.to_string()))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(err(format!(
             "its directory {} has mode {:o}; it must be 0700 so only the server's user can reach the admin API",
@@ -65,12 +84,15 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
         )));
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| err(e.to_string()))?,
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| err(e.to_string()))?
+        }
         Ok(_) => return Err(err("a file that is not a socket is in the way".into())),
         Err(_) => {}
     }
     let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))?;
     Ok(listener)
 }
 
@@ -109,46 +131,67 @@ impl Running {
 
 /// Starts everything; returns once both APIs are listening.
 pub async fn start(config: &ServerConfig) -> Result<Running, RunError> {
-    ensure_private_dir(&config.data_dir)
-        .map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
+    ensure_private_dir(&config.data_dir).map_err(|source| RunError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
     let store = SqliteStore::open(&config.data_dir.join("datastore.sqlite3")).await?;
-    let (ca, created) = Ca::load_or_create(&config.data_dir, &config.trust_domain, config.ca_ttl.0)?;
+    let (ca, created) =
+        Ca::load_or_create(&config.data_dir, &config.trust_domain, config.ca_ttl.0)?;
     if created {
         tracing::info!(trust_domain = %config.trust_domain, not_after = ca.not_after(), "created a new CA");
     } else {
         tracing::info!(trust_domain = %config.trust_domain, not_after = ca.not_after(), "loaded the CA");
     }
-    let state = State::new(Arc::new(store), Arc::new(ca), config.default_x509_svid_ttl.0).await?;
+    let state = State::new(
+        Arc::new(store),
+        Arc::new(ca),
+        config.default_x509_svid_ttl.0,
+    )
+    .await?;
 
-    let (tls, tls_not_after) = crate::tls::server_config(&state.ca, &state.bundle().x509_authorities, SERVER_SVID_TTL)?;
+    let (tls, tls_not_after) =
+        crate::tls::server_config(&state.ca, &state.bundle().x509_authorities, SERVER_SVID_TTL)?;
     let tls = Arc::new(ArcSwap::from_pointee(tls));
     let listener = TcpListener::bind(config.bind_address)
         .await
-        .map_err(|source| RunError::Bind { addr: config.bind_address, source })?;
-    let agent_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: config.bind_address, source })?;
+        .map_err(|source| RunError::Bind {
+            addr: config.bind_address,
+            source,
+        })?;
+    let agent_addr = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.bind_address,
+        source,
+    })?;
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
-    let agent_svc = AgentServiceServer::new(agent::AgentApi::new(state.clone(), config.default_x509_svid_ttl.0));
+    let agent_svc = AgentServiceServer::new(agent::AgentApi::new(
+        state.clone(),
+        config.default_x509_svid_ttl.0,
+    ));
     let incoming = crate::tls::incoming(listener, tls.clone());
-    tasks.spawn(
-        {
-            let rx = shutdown_rx.clone();
-            async move {
-                tonic::transport::Server::builder()
-                    .add_service(agent_svc)
-                    .serve_with_incoming_shutdown(incoming, stopped(rx))
-                    .await?;
-                Ok(())
-            }
-        },
-    );
+    tasks.spawn({
+        let rx = shutdown_rx.clone();
+        async move {
+            tonic::transport::Server::builder()
+                .add_service(agent_svc)
+                .serve_with_incoming_shutdown(incoming, stopped(rx))
+                .await?;
+            Ok(())
+        }
+    });
 
     let (health_reporter, health_svc) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<AdminServiceServer<admin::Admin>>().await;
-    let admin_svc = AdminServiceServer::with_interceptor(admin::Admin::new(state.clone()), admin::authorize_peer);
+    health_reporter
+        .set_serving::<AdminServiceServer<admin::Admin>>()
+        .await;
+    let admin_svc = AdminServiceServer::with_interceptor(
+        admin::Admin::new(state.clone()),
+        admin::authorize_peer,
+    );
     let admin_incoming = UnixListenerStream::new(admin_listener);
     tasks.spawn({
         let rx = shutdown_rx.clone();
@@ -197,7 +240,12 @@ pub async fn start(config: &ServerConfig) -> Result<Running, RunError> {
 
     tracing::info!(agent_api = %agent_addr, admin_socket = %config.admin_socket.display(),
         trust_domain = %config.trust_domain, "lanyard-server is serving");
-    Ok(Running { state, agent_addr, shutdown, tasks })
+    Ok(Running {
+        state,
+        agent_addr,
+        shutdown,
+        tasks,
+    })
 }
 
 /// Resolves once shutdown is signalled.

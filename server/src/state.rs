@@ -62,19 +62,26 @@ impl std::fmt::Debug for dyn DataStore {
 
 impl State {
     /// Loads entries and the bundle; makes sure the bundle holds the CA's root.
-    pub async fn new(store: Arc<dyn DataStore>, ca: Arc<Ca>, default_svid_ttl: Duration) -> StoreResult<Self> {
+    pub async fn new(
+        store: Arc<dyn DataStore>,
+        ca: Arc<Ca>,
+        default_svid_ttl: Duration,
+    ) -> StoreResult<Self> {
         let td = ca.trust_domain().clone();
         let mut bundle = store
             .load_bundle(td.as_str())
             .await?
-            .unwrap_or(StoredBundle { x509_authorities: vec![], sequence: 0 });
+            .unwrap_or(StoredBundle {
+                x509_authorities: vec![],
+                sequence: 0,
+            });
         if !bundle.x509_authorities.iter().any(|c| c == ca.cert_der()) {
             // A new CA (first start, or the old one expired) joins the bundle; roots
             // that already expired leave it.
             let now = crate::ca::now_unix();
-            bundle
-                .x509_authorities
-                .retain(|c| lanyard_proto::svid::check_ca(c).is_ok_and(|not_after| not_after > now));
+            bundle.x509_authorities.retain(|c| {
+                lanyard_proto::svid::check_ca(c).is_ok_and(|not_after| not_after > now)
+            });
             bundle.x509_authorities.push(ca.cert_der().to_vec());
             bundle.sequence += 1;
             store.store_bundle(td.as_str(), &bundle).await?;
@@ -145,10 +152,15 @@ impl State {
         let changed = {
             let current = self.entries.borrow();
             current.all().len() != fresh.len()
-                || current.all().iter().zip(&fresh).any(|(a, b)| a.id != b.id || a.revision_number != b.revision_number)
+                || current
+                    .all()
+                    .iter()
+                    .zip(&fresh)
+                    .any(|(a, b)| a.id != b.id || a.revision_number != b.revision_number)
         };
         if changed {
-            self.entries.send_replace(Arc::new(EntrySnapshot::new(fresh)));
+            self.entries
+                .send_replace(Arc::new(EntrySnapshot::new(fresh)));
         }
         Ok(())
     }

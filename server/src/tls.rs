@@ -43,13 +43,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -86,10 +94,15 @@ pub fn server_id(td: &lanyard_proto::TrustDomain) -> lanyard_proto::SpiffeId {
 
 /// Builds a TLS 1.3-only server config with a fresh server SVID. Returns the config
 /// and the SVID's notAfter (Unix seconds) so the caller can schedule its rotation.
-pub fn server_config(ca: &Ca, roots: &[Vec<u8>], ttl: std::time::Duration) -> Result<(rustls::ServerConfig, i64), TlsError> {
+pub fn server_config(
+    ca: &Ca,
+    roots: &[Vec<u8>],
+    ttl: std::time::Duration,
+) -> Result<(rustls::ServerConfig, i64), TlsError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let svid = ca.sign_svid(&server_id(ca.trust_domain()), &key, ttl, &[])?;
-    let chain: Vec<CertificateDer<'static>> = svid.chain.into_iter().map(CertificateDer::from).collect();
+    let chain: Vec<CertificateDer<'static>> =
+        svid.chain.into_iter().map(CertificateDer::from).collect();
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let mut store = RootCertStore::empty();
     for root in roots {
@@ -127,15 +140,21 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
             let conn_tx = tx.clone();
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
+                let handshake =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                        .await;
                 match handshake {
                     Ok(Ok(stream)) => {
-                        let certs = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-                        let _ = conn_tx.send(Ok(TlsConn { stream, info: PeerInfo { remote, certs } })).await;
+                        let certs =
+                            stream.get_ref().1.peer_certificates().map(|c| {
+                                Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())
+                            });
+                        let _ = conn_tx
+                            .send(Ok(TlsConn {
+                                stream,
+                                info: PeerInfo { remote, certs },
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

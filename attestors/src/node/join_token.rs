@@ -17,18 +17,29 @@ pub fn evidence(token: &str) -> Vec<u8> {
 /// Server half: checks the evidence's form and names the node. The token becomes a
 /// path segment of the agent's SPIFFE ID, so only path-safe characters are allowed.
 pub fn verify_form(payload: &[u8]) -> Result<(String, NodeIdentity), NodeAttestError> {
-    let malformed = |reason: &str| NodeAttestError::Malformed { method: METHOD, reason: reason.into() };
+    let malformed = |reason: &str| NodeAttestError::Malformed {
+        method: METHOD,
+        reason: reason.into(),
+    };
     let token = std::str::from_utf8(payload).map_err(|_| malformed("token is not UTF-8"))?;
     if token.is_empty() || token.len() > 128 {
         return Err(malformed("token must be 1 to 128 characters"));
     }
-    if !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(malformed("token may contain only letters, digits, '-' and '_'"));
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(malformed(
+            "token may contain only letters, digits, '-' and '_'",
+        ));
     }
     let selector = Selector::new(METHOD, token).map_err(|e| malformed(&e.to_string()))?;
     Ok((
         token.to_string(),
-        NodeIdentity { agent_path: format!("/lanyard/agent/{METHOD}/{token}"), selectors: vec![selector] },
+        NodeIdentity {
+            agent_path: format!("/lanyard/agent/{METHOD}/{token}"),
+            selectors: vec![selector],
+        },
     ))
 }
 

@@ -21,5 +21,8 @@ pub enum NodeAttestError {
     #[error("unsupported node attestation method \"{0}\"")]
     UnknownMethod(String),
     #[error("malformed {method} evidence: {reason}")]
-    Malformed { method: &'static str, reason: String },
+    Malformed {
+        method: &'static str,
+        reason: String,
+    },
 }

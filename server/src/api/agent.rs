@@ -78,16 +78,26 @@ impl AgentApi {
             .get::<PeerInfo>()
             .and_then(|p| p.certs.clone())
             .and_then(|certs| certs.first().cloned())
-            .ok_or_else(|| Status::unauthenticated("this call needs the agent's X509-SVID as TLS client certificate"))?;
-        let info = svid::check_leaf(&leaf, None)
-            .map_err(|e| Status::unauthenticated(format!("client certificate is not an agent SVID: {e}")))?;
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "this call needs the agent's X509-SVID as TLS client certificate",
+                )
+            })?;
+        let info = svid::check_leaf(&leaf, None).map_err(|e| {
+            Status::unauthenticated(format!("client certificate is not an agent SVID: {e}"))
+        })?;
         let record = self
             .state
             .store
             .get_agent(&info.spiffe_id)
             .await
             .map_err(ApiError::from)?
-            .ok_or_else(|| Status::permission_denied(format!("agent {} is not attested (evicted?)", info.spiffe_id)))?;
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "agent {} is not attested (evicted?)",
+                    info.spiffe_id
+                ))
+            })?;
         if info.serial_hex != record.serial && info.serial_hex != record.previous_serial {
             return Err(Status::permission_denied(format!(
                 "agent {} presented a superseded SVID (serial {})",
@@ -107,8 +117,15 @@ impl AgentApi {
         snapshot.authorized(&agent.spiffe_id, &aliases)
     }
 
-    fn sign_agent(&self, id: &SpiffeId, csr: &VerifiedCsr) -> Result<crate::ca::SignedSvid, ApiError> {
-        Ok(self.state.ca.sign_svid(id, csr.public_key(), self.agent_ttl, &[])?)
+    fn sign_agent(
+        &self,
+        id: &SpiffeId,
+        csr: &VerifiedCsr,
+    ) -> Result<crate::ca::SignedSvid, ApiError> {
+        Ok(self
+            .state
+            .ca
+            .sign_svid(id, csr.public_key(), self.agent_ttl, &[])?)
     }
 }
 
@@ -116,8 +133,15 @@ type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncEntriesResponse, Status>>
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
-    async fn attest_agent(&self, req: Request<AttestAgentRequest>) -> Result<Response<AttestAgentResponse>, Status> {
-        let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote.to_string()).unwrap_or_default();
+    async fn attest_agent(
+        &self,
+        req: Request<AttestAgentRequest>,
+    ) -> Result<Response<AttestAgentResponse>, Status> {
+        let remote = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.remote.to_string())
+            .unwrap_or_default();
         let req = req.into_inner();
         if req.method != join_token::METHOD {
             return Err(ApiError::from(NodeAttestError::UnknownMethod(req.method)).into());
@@ -126,8 +150,14 @@ impl AgentService for AgentApi {
         let agent_id = SpiffeId::new(&self.state.trust_domain, &node.agent_path)
             .map_err(|e| Status::invalid_argument(format!("agent ID: {e}")))?;
         let csr = VerifiedCsr::parse(&req.csr).map_err(ApiError::from)?;
-        if csr.spiffe_id.as_ref().is_some_and(|asked| *asked != agent_id) {
-            return Err(Status::invalid_argument("agent CSR asks for an ID other than the agent's"));
+        if csr
+            .spiffe_id
+            .as_ref()
+            .is_some_and(|asked| *asked != agent_id)
+        {
+            return Err(Status::invalid_argument(
+                "agent CSR asks for an ID other than the agent's",
+            ));
         }
         // Sign before spending the token, so a signing failure leaves the token usable;
         // the SVID is discarded unless the token is accepted.
@@ -138,7 +168,13 @@ impl AgentService for AgentApi {
                 outcome = "refused", reason = why, "node attestation refused");
             Status::permission_denied(format!("join token {why}"))
         };
-        match self.state.store.use_join_token(&token, &agent_id, now).await.map_err(ApiError::from)? {
+        match self
+            .state
+            .store
+            .use_join_token(&token, &agent_id, now)
+            .await
+            .map_err(ApiError::from)?
+        {
             TokenUse::Accepted(_) => {}
             TokenUse::Unknown => return Err(refused("is unknown")),
             TokenUse::AlreadyUsed => return Err(refused("was already used")),
@@ -153,7 +189,11 @@ impl AgentService for AgentApi {
             expires_at: signed.not_after,
             attested_at: now,
         };
-        self.state.store.upsert_agent(&record).await.map_err(ApiError::from)?;
+        self.state
+            .store
+            .upsert_agent(&record)
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(target: "audit", action = "agent.attest", method = join_token::METHOD, agent = %agent_id,
             %remote, serial = %signed.serial_hex, outcome = "ok", "agent attested");
         Ok(Response::new(AttestAgentResponse {
@@ -164,7 +204,10 @@ impl AgentService for AgentApi {
         }))
     }
 
-    async fn renew_agent(&self, req: Request<RenewAgentRequest>) -> Result<Response<RenewAgentResponse>, Status> {
+    async fn renew_agent(
+        &self,
+        req: Request<RenewAgentRequest>,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
         let caller = self.caller(&req).await?;
         let csr = VerifiedCsr::parse(&req.get_ref().csr).map_err(ApiError::from)?;
         if csr.public_key().der_bytes() == caller.public_key {
@@ -172,7 +215,9 @@ impl AgentService for AgentApi {
         }
         let id = caller.record.spiffe_id.clone();
         if csr.spiffe_id.as_ref().is_some_and(|asked| *asked != id) {
-            return Err(Status::invalid_argument("agent CSR asks for an ID other than the agent's"));
+            return Err(Status::invalid_argument(
+                "agent CSR asks for an ID other than the agent's",
+            ));
         }
         let signed = self.sign_agent(&id, &csr)?;
         let record = AgentRecord {
@@ -181,14 +226,23 @@ impl AgentService for AgentApi {
             expires_at: signed.not_after,
             ..caller.record
         };
-        self.state.store.upsert_agent(&record).await.map_err(ApiError::from)?;
+        self.state
+            .store
+            .upsert_agent(&record)
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(target: "audit", action = "agent.renew", agent = %id, serial = %signed.serial_hex, "agent SVID renewed");
-        Ok(Response::new(RenewAgentResponse { x509_svid_chain: signed.chain }))
+        Ok(Response::new(RenewAgentResponse {
+            x509_svid_chain: signed.chain,
+        }))
     }
 
     type SyncEntriesStream = SyncStream;
 
-    async fn sync_entries(&self, req: Request<SyncEntriesRequest>) -> Result<Response<SyncStream>, Status> {
+    async fn sync_entries(
+        &self,
+        req: Request<SyncEntriesRequest>,
+    ) -> Result<Response<SyncStream>, Status> {
         let caller = self.caller(&req).await?;
         let api = self.clone();
         let mut entries_rx = self.state.watch_entries();
@@ -202,7 +256,13 @@ impl AgentService for AgentApi {
                 entries_rx.borrow_and_update();
                 let bundle = bundle_rx.borrow_and_update().clone();
                 let entries = api.authorized(&caller.record);
-                let key = (entries.iter().map(|e| (e.id.clone(), e.revision_number)).collect::<Vec<_>>(), bundle.sequence);
+                let key = (
+                    entries
+                        .iter()
+                        .map(|e| (e.id.clone(), e.revision_number))
+                        .collect::<Vec<_>>(),
+                    bundle.sequence,
+                );
                 if last_sent.as_ref() != Some(&key) {
                     let msg = SyncEntriesResponse {
                         entries: entries.iter().map(|e| entry_to_proto(e)).collect(),
@@ -228,17 +288,28 @@ impl AgentService for AgentApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn sign_x509_svids(&self, req: Request<SignX509SvidsRequest>) -> Result<Response<SignX509SvidsResponse>, Status> {
+    async fn sign_x509_svids(
+        &self,
+        req: Request<SignX509SvidsRequest>,
+    ) -> Result<Response<SignX509SvidsResponse>, Status> {
         let caller = self.caller(&req).await?;
         let requests = req.into_inner().requests;
         if requests.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} CSRs per call, got {}", requests.len())));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} CSRs per call, got {}",
+                requests.len()
+            )));
         }
-        let authorized: HashMap<String, Arc<Entry>> =
-            self.authorized(&caller.record).into_iter().map(|e| (e.id.clone(), e)).collect();
+        let authorized: HashMap<String, Arc<Entry>> = self
+            .authorized(&caller.record)
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
         let state = self.state.clone();
         let agent_id = caller.record.spiffe_id.clone();
         // Signing is CPU work: keep it off the async workers.
@@ -268,8 +339,13 @@ impl AgentService for AgentApi {
         Ok(Response::new(SignX509SvidsResponse { results }))
     }
 
-    async fn get_bundle(&self, _req: Request<GetBundleRequest>) -> Result<Response<types::X509Bundle>, Status> {
-        Ok(Response::new(self.state.bundle().to_proto(&self.state.trust_domain)))
+    async fn get_bundle(
+        &self,
+        _req: Request<GetBundleRequest>,
+    ) -> Result<Response<types::X509Bundle>, Status> {
+        Ok(Response::new(
+            self.state.bundle().to_proto(&self.state.trust_domain),
+        ))
     }
 }
 
@@ -288,9 +364,18 @@ fn sign_one(
     match &csr.spiffe_id {
         Some(id) if *id == entry.spiffe_id => {}
         Some(id) => {
-            return Err(CaError::CsrIdMismatch { asked: id.to_string(), expected: entry.spiffe_id.to_string() }.to_string());
+            return Err(CaError::CsrIdMismatch {
+                asked: id.to_string(),
+                expected: entry.spiffe_id.to_string(),
+            }
+            .to_string());
         }
-        None => return Err(format!("CSR names no SPIFFE ID; its URI SAN must be {}", entry.spiffe_id)),
+        None => {
+            return Err(format!(
+                "CSR names no SPIFFE ID; its URI SAN must be {}",
+                entry.spiffe_id
+            ));
+        }
     }
     if csr.public_key().der_bytes() == agent_key {
         return Err(CaError::CsrKeyReused.to_string());

@@ -35,9 +35,12 @@ pub fn agent_to_proto(a: &AgentRecord, aliases: Vec<SpiffeId>) -> types::Agent {
 
 /// Parses an ID field, which must be in our trust domain.
 pub fn member_id(field: &str, raw: &str, td: &TrustDomain) -> Result<SpiffeId, Status> {
-    let id = SpiffeId::parse(raw).map_err(|e| Status::invalid_argument(format!("{field} \"{raw}\" is invalid: {e}")))?;
+    let id = SpiffeId::parse(raw)
+        .map_err(|e| Status::invalid_argument(format!("{field} \"{raw}\" is invalid: {e}")))?;
     if !id.is_member_of(td) {
-        return Err(Status::invalid_argument(format!("{field} {id} is not in trust domain {td}")));
+        return Err(Status::invalid_argument(format!(
+            "{field} {id} is not in trust domain {td}"
+        )));
     }
     Ok(id)
 }
@@ -47,10 +50,14 @@ pub fn member_id(field: &str, raw: &str, td: &TrustDomain) -> Result<SpiffeId, S
 pub fn workload_id(field: &str, raw: &str, td: &TrustDomain) -> Result<SpiffeId, Status> {
     let id = member_id(field, raw, td)?;
     if id.is_root() {
-        return Err(Status::invalid_argument(format!("{field} {id} has no path; an SVID's ID needs one")));
+        return Err(Status::invalid_argument(format!(
+            "{field} {id} has no path; an SVID's ID needs one"
+        )));
     }
     if id.path() == "/lanyard" || id.path().starts_with("/lanyard/") {
-        return Err(Status::invalid_argument(format!("{field} {id} is under /lanyard/, which is reserved")));
+        return Err(Status::invalid_argument(format!(
+            "{field} {id} is under /lanyard/, which is reserved"
+        )));
     }
     Ok(id)
 }
@@ -58,7 +65,10 @@ pub fn workload_id(field: &str, raw: &str, td: &TrustDomain) -> Result<SpiffeId,
 pub fn selectors(raw: &[types::Selector]) -> Result<Vec<Selector>, Status> {
     let mut out = raw
         .iter()
-        .map(|s| Selector::try_from(s).map_err(|e| Status::invalid_argument(format!("selector is invalid: {e}"))))
+        .map(|s| {
+            Selector::try_from(s)
+                .map_err(|e| Status::invalid_argument(format!("selector is invalid: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     out.sort();
     out.dedup();
@@ -76,7 +86,9 @@ fn dns_name(name: &str) -> Result<String, Status> {
         let ok = wildcard
             || (!label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-'));
         if !ok {
@@ -91,15 +103,24 @@ fn dns_name(name: &str) -> Result<String, Status> {
 pub const MIN_TTL_SECS: i32 = 10;
 
 /// Validates an entry from an admin, filling server-owned fields from `id`/`created_at`.
-pub fn entry_from_proto(raw: &types::Entry, td: &TrustDomain, id: String, created_at: i64) -> Result<Entry, Status> {
+pub fn entry_from_proto(
+    raw: &types::Entry,
+    td: &TrustDomain,
+    id: String,
+    created_at: i64,
+) -> Result<Entry, Status> {
     let spiffe_id = workload_id("spiffe_id", &raw.spiffe_id, td)?;
     let parent_id = member_id("parent_id", &raw.parent_id, td)?;
     if parent_id == spiffe_id {
-        return Err(Status::invalid_argument("an entry cannot be its own parent"));
+        return Err(Status::invalid_argument(
+            "an entry cannot be its own parent",
+        ));
     }
     let selectors = selectors(&raw.selectors)?;
     if selectors.is_empty() {
-        return Err(Status::invalid_argument("an entry needs at least one selector"));
+        return Err(Status::invalid_argument(
+            "an entry needs at least one selector",
+        ));
     }
     if raw.x509_svid_ttl != 0 && raw.x509_svid_ttl < MIN_TTL_SECS {
         return Err(Status::invalid_argument(format!(
@@ -107,10 +128,16 @@ pub fn entry_from_proto(raw: &types::Entry, td: &TrustDomain, id: String, create
             raw.x509_svid_ttl
         )));
     }
-    let mut dns_names = raw.dns_names.iter().map(|d| dns_name(d)).collect::<Result<Vec<_>, _>>()?;
+    let mut dns_names = raw
+        .dns_names
+        .iter()
+        .map(|d| dns_name(d))
+        .collect::<Result<Vec<_>, _>>()?;
     dns_names.dedup();
     if raw.hint.len() > 1024 || raw.hint.chars().any(char::is_control) {
-        return Err(Status::invalid_argument("hint must be at most 1024 bytes of printable text"));
+        return Err(Status::invalid_argument(
+            "hint must be at most 1024 bytes of printable text",
+        ));
     }
     Ok(Entry {
         id,

@@ -112,9 +112,18 @@ pub trait DataStore: Send + Sync + 'static {
     async fn list_entries(&self) -> StoreResult<Vec<Entry>>;
 
     /// Stores a join token and, in the same transaction, the node-alias entry it grants.
-    async fn create_join_token(&self, token: &JoinToken, alias_entry: Option<&Entry>) -> StoreResult<()>;
+    async fn create_join_token(
+        &self,
+        token: &JoinToken,
+        alias_entry: Option<&Entry>,
+    ) -> StoreResult<()>;
     /// Marks a token used by `agent_id` if it is known, unused and unexpired at `now`.
-    async fn use_join_token(&self, token: &str, agent_id: &SpiffeId, now: i64) -> StoreResult<TokenUse>;
+    async fn use_join_token(
+        &self,
+        token: &str,
+        agent_id: &SpiffeId,
+        now: i64,
+    ) -> StoreResult<TokenUse>;
 
     async fn upsert_agent(&self, agent: &AgentRecord) -> StoreResult<()>;
     async fn get_agent(&self, id: &SpiffeId) -> StoreResult<Option<AgentRecord>>;

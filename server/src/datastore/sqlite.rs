@@ -5,10 +5,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lanyard_proto::{Selector, SpiffeId};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
-use super::{AgentRecord, DataStore, Entry, JoinToken, StoreError, StoreResult, StoredBundle, TokenUse};
+use super::{
+    AgentRecord, DataStore, Entry, JoinToken, StoreError, StoreResult, StoredBundle, TokenUse,
+};
 
 /// The SQLite implementation of [`DataStore`].
 #[derive(Debug, Clone)]
@@ -27,7 +31,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(SqliteStore { pool })
     }
@@ -160,7 +167,11 @@ impl DataStore for SqliteStore {
         rows.iter().map(entry_from_row).collect()
     }
 
-    async fn create_join_token(&self, token: &JoinToken, alias_entry: Option<&Entry>) -> StoreResult<()> {
+    async fn create_join_token(
+        &self,
+        token: &JoinToken,
+        alias_entry: Option<&Entry>,
+    ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO join_tokens (token, expires_at, alias_id, created_at) VALUES (?, ?, ?, strftime('%s','now'))")
             .bind(&token.token)
@@ -175,7 +186,12 @@ impl DataStore for SqliteStore {
         Ok(())
     }
 
-    async fn use_join_token(&self, token: &str, agent_id: &SpiffeId, now: i64) -> StoreResult<TokenUse> {
+    async fn use_join_token(
+        &self,
+        token: &str,
+        agent_id: &SpiffeId,
+        now: i64,
+    ) -> StoreResult<TokenUse> {
         // One UPDATE decides, so two agents racing with the same token cannot both win.
         let claimed = sqlx::query(
             "UPDATE join_tokens SET used_at = ?, used_by = ?
@@ -193,7 +209,11 @@ impl DataStore for SqliteStore {
             return Ok(TokenUse::Accepted(JoinToken {
                 token: row.try_get("token")?,
                 expires_at: row.try_get("expires_at")?,
-                alias: if alias.is_empty() { None } else { Some(parse_id(&alias)?) },
+                alias: if alias.is_empty() {
+                    None
+                } else {
+                    Some(parse_id(&alias)?)
+                },
             }));
         }
         let row = sqlx::query("SELECT used_at FROM join_tokens WHERE token = ?")
@@ -202,7 +222,9 @@ impl DataStore for SqliteStore {
             .await?;
         Ok(match row {
             None => TokenUse::Unknown,
-            Some(row) if row.try_get::<Option<i64>, _>("used_at")?.is_some() => TokenUse::AlreadyUsed,
+            Some(row) if row.try_get::<Option<i64>, _>("used_at")?.is_some() => {
+                TokenUse::AlreadyUsed
+            }
             Some(_) => TokenUse::Expired,
         })
     }
@@ -271,7 +293,8 @@ impl DataStore for SqliteStore {
     }
 
     async fn store_bundle(&self, trust_domain: &str, bundle: &StoredBundle) -> StoreResult<()> {
-        let sequence = i64::try_from(bundle.sequence).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let sequence =
+            i64::try_from(bundle.sequence).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query(
             "INSERT INTO bundles (trust_domain, x509_der, sequence) VALUES (?, ?, ?)
              ON CONFLICT (trust_domain) DO UPDATE SET x509_der = excluded.x509_der, sequence = excluded.sequence",
@@ -309,7 +332,9 @@ mod tests {
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("ds.sqlite3")).await.expect("open");
+        let store = SqliteStore::open(&dir.path().join("ds.sqlite3"))
+            .await
+            .expect("open");
         (dir, store)
     }
 
@@ -317,17 +342,29 @@ mod tests {
     async fn entries_round_trip_and_survive_reopen() {
         let (dir, s) = store().await;
         s.create_entry(&entry(1)).await.expect("create");
-        assert!(matches!(s.create_entry(&Entry { id: "other".into(), ..entry(1) }).await, Err(StoreError::DuplicateEntry)));
+        assert!(matches!(
+            s.create_entry(&Entry {
+                id: "other".into(),
+                ..entry(1)
+            })
+            .await,
+            Err(StoreError::DuplicateEntry)
+        ));
         let mut changed = entry(1);
         changed.hint = "web".into();
         let updated = s.update_entry(&changed).await.expect("update");
         assert_eq!(updated.revision_number, 1);
         assert_eq!(updated.hint, "web");
         drop(s);
-        let s = SqliteStore::open(&dir.path().join("ds.sqlite3")).await.expect("reopen");
+        let s = SqliteStore::open(&dir.path().join("ds.sqlite3"))
+            .await
+            .expect("reopen");
         assert_eq!(s.list_entries().await.expect("list"), vec![updated.clone()]);
         assert_eq!(s.delete_entry("e1").await.expect("delete"), updated);
-        assert!(matches!(s.delete_entry("e1").await, Err(StoreError::EntryNotFound(_))));
+        assert!(matches!(
+            s.delete_entry("e1").await,
+            Err(StoreError::EntryNotFound(_))
+        ));
     }
 
     #[tokio::test]
@@ -335,15 +372,41 @@ mod tests {
         let (_dir, s) = store().await;
         let agent = id("spiffe://example.org/lanyard/agent/join_token/t1");
         let alias = entry(2);
-        let tok = JoinToken { token: "t1".into(), expires_at: 100, alias: Some(alias.spiffe_id.clone()) };
-        s.create_join_token(&tok, Some(&alias)).await.expect("create");
-        assert_eq!(s.list_entries().await.expect("list").len(), 1, "alias entry stored with the token");
-        assert_eq!(s.use_join_token("t1", &agent, 50).await.expect("use"), TokenUse::Accepted(tok));
-        assert_eq!(s.use_join_token("t1", &agent, 51).await.expect("use"), TokenUse::AlreadyUsed);
-        assert_eq!(s.use_join_token("nope", &agent, 51).await.expect("use"), TokenUse::Unknown);
-        let old = JoinToken { token: "t2".into(), expires_at: 100, alias: None };
+        let tok = JoinToken {
+            token: "t1".into(),
+            expires_at: 100,
+            alias: Some(alias.spiffe_id.clone()),
+        };
+        s.create_join_token(&tok, Some(&alias))
+            .await
+            .expect("create");
+        assert_eq!(
+            s.list_entries().await.expect("list").len(),
+            1,
+            "alias entry stored with the token"
+        );
+        assert_eq!(
+            s.use_join_token("t1", &agent, 50).await.expect("use"),
+            TokenUse::Accepted(tok)
+        );
+        assert_eq!(
+            s.use_join_token("t1", &agent, 51).await.expect("use"),
+            TokenUse::AlreadyUsed
+        );
+        assert_eq!(
+            s.use_join_token("nope", &agent, 51).await.expect("use"),
+            TokenUse::Unknown
+        );
+        let old = JoinToken {
+            token: "t2".into(),
+            expires_at: 100,
+            alias: None,
+        };
         s.create_join_token(&old, None).await.expect("create");
-        assert_eq!(s.use_join_token("t2", &agent, 100).await.expect("use"), TokenUse::Expired);
+        assert_eq!(
+            s.use_join_token("t2", &agent, 100).await.expect("use"),
+            TokenUse::Expired
+        );
     }
 
     #[tokio::test]
@@ -359,7 +422,10 @@ mod tests {
             attested_at: 1,
         };
         s.upsert_agent(&a).await.expect("upsert");
-        assert_eq!(s.get_agent(&a.spiffe_id).await.expect("get"), Some(a.clone()));
+        assert_eq!(
+            s.get_agent(&a.spiffe_id).await.expect("get"),
+            Some(a.clone())
+        );
         assert!(s.delete_agent(&a.spiffe_id).await.expect("delete"));
         assert_eq!(s.list_agents().await.expect("list"), vec![]);
         assert_eq!(s.load_bundle("example.org").await.expect("load"), None);

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one command that runs every test: installs what the tests need (once), builds the
+# binaries, runs `cargo test`. Extra arguments go to `cargo test`, e.g.
+#   scripts/test.sh --test python_client
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+START=$SECONDS
+TIMES=()
+stage() { TIMES+=("$(printf '%-8s %4ss' "${CUR:-}" $((SECONDS - T0)))"); }
+begin() { [ -n "${CUR:-}" ] && stage; CUR=$1; T0=$SECONDS; echo "==> $1: $2"; }
+
+# py-spiffe and the libraries the Python client tests use directly (checked on PyPI;
+# spiffe 0.3.2 is the newest and needs Python >= 3.10).
+PY_PKGS=(spiffe==0.3.2 cryptography==50.0.2 grpcio==1.85.1 protobuf==7.36.2)
+# Debian's interpreter, not pyenv's under /root (0700): the venv must also run as
+# uid 65534, which the python_client tests use for an unregistered workload.
+SYS_PY=/usr/bin/python3.11
+
+# 1. System packages: openssl and systemd-analyze (the tests call them), a venv-capable
+#    Debian python. apt only runs when something is missing.
+begin system "openssl, systemd-analyze, $SYS_PY"
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+"$SYS_PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3.11-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${missing[*]}; install them as root (apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# 2. Python venv at .venv with the pinned packages; reused when it already matches.
+begin python ".venv with ${PY_PKGS[*]}"
+VENV_OK="import sys, importlib.metadata as m, spiffe
+pins = dict(p.split('==') for p in sys.argv[1:])
+assert sys.base_prefix == '/usr', sys.base_prefix
+assert all(m.version(n) == v for n, v in pins.items())"
+if ! .venv/bin/python -c "$VENV_OK" "${PY_PKGS[@]}" 2>/dev/null; then
+  "$SYS_PY" -m venv --clear .venv
+  .venv/bin/pip install -q --disable-pip-version-check "${PY_PKGS[@]}"
+  .venv/bin/python -c "$VENV_OK" "${PY_PKGS[@]}"
+fi
+export LANYARD_PYTHON="$ROOT/.venv/bin/python"
+
+# 3. Build the binaries the end-to-end tests start, then run every test (dev profile).
+command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
+begin build "cargo build --workspace --bins --locked"
+cargo build --workspace --bins --locked
+begin test "cargo test --workspace --locked $*"
+cargo test --workspace --locked "$@"
+stage
+echo "==> done in $((SECONDS - START))s:"
+printf '    %s\n' "${TIMES[@]}"
