@@ -39,8 +39,8 @@ echo "==> Starting lanyard-server for trust domain example.org (data in $dir/ser
 "$server" run --trust-domain example.org --bind-address "127.0.0.1:$port" \
   --data-dir "$dir/server-data" --log-level warn 2>"$dir/server.log" &
 pids+=($!)
-for _ in $(seq 100); do "$server" healthcheck >/dev/null 2>&1 && break; sleep 0.05; done
-"$server" healthcheck
+for _ in $(seq 300); do "$server" healthcheck >/dev/null 2>&1 && break; sleep 0.05; done
+"$server" healthcheck || { cat "$dir/server.log"; exit 1; }
 
 echo "==> Generating a join token for a runner known as spiffe://example.org/runner"
 token=$("$server" token generate --spiffe-id spiffe://example.org/runner | sed 's/^Token: //')
@@ -51,8 +51,8 @@ echo "==> Starting lanyard-agent (Workload API at unix://$socket)"
   --trust-bundle-path "$dir/bootstrap.pem" --data-dir "$dir/agent-data" \
   --socket-path "$socket" --join-token "$token" --log-level warn 2>"$dir/agent.log" &
 pids+=($!)
-for _ in $(seq 100); do "$agent" healthcheck --socket-path "$socket" >/dev/null 2>&1 && break; sleep 0.05; done
-"$agent" healthcheck --socket-path "$socket"
+for _ in $(seq 300); do "$agent" healthcheck --socket-path "$socket" >/dev/null 2>&1 && break; sleep 0.05; done
+"$agent" healthcheck --socket-path "$socket" || { cat "$dir/agent.log"; exit 1; }
 
 uid=$(id -u)
 echo "==> Registering spiffe://example.org/demo/$(id -un) for processes of uid $uid"

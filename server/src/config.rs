@@ -48,7 +48,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub bind_address: Option<SocketAddr>,
     /// Admin API Unix socket [default: /run/lanyard/server/admin.sock].
-    #[arg(long)]
+    #[arg(long, env = "LANYARD_ADMIN_SOCKET")]
     pub admin_socket: Option<PathBuf>,
     /// Directory for the CA key and the datastore [default: /var/lib/lanyard/server].
     #[arg(long)]
