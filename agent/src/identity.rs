@@ -37,6 +37,9 @@ pub fn key_and_csr(id: Option<&SpiffeId>) -> Result<(PrivateKey, Vec<u8>), rcgen
     ))
 }
 
+/// The trust domain's CA certificates, DER.
+pub type Bundle = Vec<Vec<u8>>;
+
 /// The agent's SVID as held in memory.
 #[derive(Debug)]
 pub struct AgentSvid {
@@ -90,7 +93,7 @@ impl IdentityFiles {
 
     /// Loads the stored SVID and bundle, if both exist. An expired SVID is returned
     /// too; the caller decides (it cannot be renewed, so a join token is needed).
-    pub fn load(&self) -> Result<Option<(AgentSvid, Vec<Vec<u8>>)>, IdentityError> {
+    pub fn load(&self) -> Result<Option<(AgentSvid, Bundle)>, IdentityError> {
         let (svid_path, key_path, bundle_path) =
             (self.svid_path(), self.key_path(), self.bundle_path());
         if !svid_path.exists() || !key_path.exists() {

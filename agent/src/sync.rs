@@ -201,9 +201,7 @@ impl SyncWorker {
                         () = self.wait_for_due(delay) => {}
                     }
                     // Rotation keeps going even while the stream is down.
-                    if let Err(e) = self.rotate_due().await {
-                        return Err(e);
-                    }
+                    self.rotate_due().await?;
                     continue;
                 }
             };
@@ -214,9 +212,7 @@ impl SyncWorker {
                     msg = stream.message() => match msg {
                         Ok(Some(msg)) => {
                             self.apply(msg)?;
-                            if let Err(e) = self.rotate_due().await {
-                                return Err(e);
-                            }
+                            self.rotate_due().await?;
                         }
                         Ok(None) => { tracing::info!("server closed the entry stream; reconnecting"); break; }
                         Err(status) if Self::is_rejection(&status) => return Err(self.rejected(status)),
@@ -263,19 +259,20 @@ impl SyncWorker {
 
     /// Takes in a pushed entry set and bundle.
     fn apply(&mut self, msg: SyncEntriesResponse) -> Result<(), SyncError> {
-        if let Some(bundle) = msg.bundle {
-            if bundle.sequence != self.bundle_sequence && !bundle.x509_authorities.is_empty() {
-                self.roots = bundle.x509_authorities;
-                self.bundle_sequence = bundle.sequence;
-                self.files.store(&self.agent, &self.roots)?;
-                // New roots also authenticate the server from now on.
-                self.client = Self::client_for(
-                    &self.trust_domain,
-                    &self.server_address,
-                    &self.agent,
-                    &self.roots,
-                )?;
-            }
+        if let Some(bundle) = msg.bundle
+            && bundle.sequence != self.bundle_sequence
+            && !bundle.x509_authorities.is_empty()
+        {
+            self.roots = bundle.x509_authorities;
+            self.bundle_sequence = bundle.sequence;
+            self.files.store(&self.agent, &self.roots)?;
+            // New roots also authenticate the server from now on.
+            self.client = Self::client_for(
+                &self.trust_domain,
+                &self.server_address,
+                &self.agent,
+                &self.roots,
+            )?;
         }
         let mut old: HashMap<String, CachedEntry> =
             self.entries.drain(..).map(|e| (e.id.clone(), e)).collect();

@@ -59,7 +59,7 @@ pub struct LeafInfo {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, ProfileError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok((&[], cert)) => Ok(cert),
         Ok(_) => Err(ProfileError::Der(
             "trailing bytes after the certificate".into(),
         )),
