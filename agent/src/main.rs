@@ -31,7 +31,6 @@ fn main() -> ExitCode {
             match runtime.block_on(lanyard_agent::run::run(config, signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
                     eprintln!("lanyard-agent: {e}");
                     ExitCode::FAILURE
                 }

@@ -8,7 +8,10 @@ use std::path::Path;
 
 /// Writes `bytes` to `path` with mode 0600: a temporary file beside it, fsync, rename.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // `<name>.tmp`, not a replaced extension: `ca.key` and `ca.pem` must not share one.
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -44,7 +44,6 @@ async fn serve(config: ServerConfig) -> ExitCode {
     let mut running = match lanyard_server::run::start(&config).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("lanyard-server: {e}");
             return ExitCode::FAILURE;
         }
