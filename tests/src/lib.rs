@@ -27,12 +27,18 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Runs a command to completion and returns its output.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// stdout of a command that must succeed.
@@ -62,7 +68,9 @@ fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
 /// Sends SIGTERM and waits for the process, killing it if it lingers.
 fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
     // `kill` from the command line keeps the harness free of unsafe code.
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
@@ -90,7 +98,11 @@ impl Server {
     pub fn start(root: &Path, trust_domain: &str, extra: &[&str]) -> Server {
         let admin_dir = root.join("server-run");
         std::fs::create_dir_all(&admin_dir).expect("admin dir");
-        std::fs::set_permissions(&admin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+        std::fs::set_permissions(
+            &admin_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
         let mut server = Server {
             trust_domain: trust_domain.to_string(),
             data_dir: root.join("server-data"),
@@ -104,9 +116,19 @@ impl Server {
     }
 
     fn spawn(&mut self, extra: &[&str]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let child = Command::new(bin("lanyard-server"))
-            .args(["run", "--trust-domain", &self.trust_domain, "--bind-address", &self.address])
+            .args([
+                "run",
+                "--trust-domain",
+                &self.trust_domain,
+                "--bind-address",
+                &self.address,
+            ])
             .arg("--admin-socket")
             .arg(&self.admin_socket)
             .arg("--data-dir")
@@ -122,9 +144,17 @@ impl Server {
         let log = self.log.clone();
         wait_until("the server's admin socket", Duration::from_secs(15), || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("lanyard-server exited early ({status}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "lanyard-server exited early ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
-            run(Command::new(bin("lanyard-server")).arg("healthcheck").arg("--admin-socket").arg(&admin)).status.success()
+            run(Command::new(bin("lanyard-server"))
+                .arg("healthcheck")
+                .arg("--admin-socket")
+                .arg(&admin))
+            .status
+            .success()
         });
     }
 
@@ -153,12 +183,30 @@ impl Server {
             args.extend(["--spiffe-id", alias]);
         }
         let out = ok(&mut self.cli(&args));
-        out.trim().strip_prefix("Token: ").unwrap_or_else(|| panic!("unexpected token output {out:?}")).to_string()
+        out.trim()
+            .strip_prefix("Token: ")
+            .unwrap_or_else(|| panic!("unexpected token output {out:?}"))
+            .to_string()
     }
 
     /// Registers an entry and returns its id.
-    pub fn create_entry(&self, spiffe_id: &str, parent_id: &str, selectors: &[&str], extra: &[&str]) -> String {
-        let mut args = vec!["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", parent_id, "--output", "json"];
+    pub fn create_entry(
+        &self,
+        spiffe_id: &str,
+        parent_id: &str,
+        selectors: &[&str],
+        extra: &[&str],
+    ) -> String {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent_id,
+            "--output",
+            "json",
+        ];
         for s in selectors {
             args.extend(["--selector", s]);
         }
@@ -225,7 +273,11 @@ impl Agent {
     /// The agent command line for `run` (without token), for tests that drive it themselves.
     pub fn command(&self, token: Option<&str>) -> Command {
         let mut cmd = Command::new(bin("lanyard-agent"));
-        cmd.args(&self.args).arg("--data-dir").arg(&self.data_dir).arg("--socket-path").arg(&self.socket);
+        cmd.args(&self.args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--socket-path")
+            .arg(&self.socket);
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }
@@ -233,18 +285,40 @@ impl Agent {
     }
 
     fn spawn(&mut self, token: Option<&str>) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = self.command(token).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("spawn agent");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = self
+            .command(token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
         self.child = Some(child);
         let socket = self.socket.clone();
         let log = self.log.clone();
-        wait_until("the agent's Workload API socket", Duration::from_secs(15), || {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("lanyard-agent exited early ({status}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-            }
-            socket.exists()
-                && run(Command::new(bin("lanyard-agent")).arg("healthcheck").arg("--socket-path").arg(&socket)).status.success()
-        });
+        wait_until(
+            "the agent's Workload API socket",
+            Duration::from_secs(15),
+            || {
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                    panic!(
+                        "lanyard-agent exited early ({status}):\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                socket.exists()
+                    && run(Command::new(bin("lanyard-agent"))
+                        .arg("healthcheck")
+                        .arg("--socket-path")
+                        .arg(&socket))
+                    .status
+                    .success()
+            },
+        );
     }
 
     /// `unix:///...` for SPIFFE_ENDPOINT_SOCKET and client libraries.
@@ -303,18 +377,35 @@ impl TrustDomain {
     }
 
     pub fn start_with(server_args: &[&str]) -> TrustDomain {
-        let dir = tempfile::Builder::new().prefix("lanyard-e2e").tempdir().expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let dir = tempfile::Builder::new()
+            .prefix("lanyard-e2e")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         let server = Server::start(dir.path(), "example.org", server_args);
         let runner = "spiffe://example.org/runner".to_string();
         let token = server.token(Some(&runner));
         let agent = Agent::start(dir.path(), &server, Some(&token));
-        TrustDomain { dir, server, agent, runner }
+        TrustDomain {
+            dir,
+            server,
+            agent,
+            runner,
+        }
     }
 
     /// Registers `spiffe_id` for processes of `uid` under this agent; returns the entry id.
     pub fn register_uid(&self, spiffe_id: &str, uid: u32, extra: &[&str]) -> String {
-        self.server.create_entry(spiffe_id, &self.runner, &[&format!("unix:uid:{uid}")], extra)
+        self.server.create_entry(
+            spiffe_id,
+            &self.runner,
+            &[&format!("unix:uid:{uid}")],
+            extra,
+        )
     }
 }
 
