@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$SECONDS
 TIMES=()
-stage() { TIMES+=("$(printf '%-8s %4ss' "${CUR:-}" $((SECONDS - T0)))"); }
-begin() { [ -n "${CUR:-}" ] && stage; CUR=$1; T0=$SECONDS; echo "==> $1: $2"; }
+stage() { TIMES+=("$(printf '%-8s %4ss' "$CUR" $((SECONDS - T0)))"); }
+begin() { [ -z "${CUR:-}" ] || stage; CUR=$1; T0=$SECONDS; echo "==> $1: $2"; }
+# Stage times, printed on every exit (a failing `cargo test` included).
+summary() { [ -z "${CUR:-}" ] || stage; echo "==> stage times (total $((SECONDS - START))s):"; printf '    %s\n' "${TIMES[@]}"; }
+trap summary EXIT
 
 # py-spiffe and the libraries the Python client tests use directly (checked on PyPI;
 # spiffe 0.3.2 is the newest and needs Python >= 3.10).
@@ -53,6 +56,3 @@ begin build "cargo build --workspace --bins --locked"
 cargo build --workspace --bins --locked
 begin test "cargo test --workspace --locked $*"
 cargo test --workspace --locked "$@"
-stage
-echo "==> done in $((SECONDS - START))s:"
-printf '    %s\n' "${TIMES[@]}"

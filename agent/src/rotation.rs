@@ -21,12 +21,17 @@ impl Clock for SystemClock {
     }
 }
 
-/// The instant (Unix ms) at which an SVID valid from `not_before` to `not_after` (Unix
-/// seconds) should be renewed, for a jitter draw `jitter` in `[0, 1)`.
-pub fn renew_at_ms(not_before: i64, not_after: i64, jitter: f64) -> i64 {
-    let lifetime_ms = (not_after - not_before).max(0) * 1000;
-    let jitter_ms = (lifetime_ms as f64 * 0.1 * jitter.clamp(0.0, 1.0)) as i64;
-    not_before * 1000 + lifetime_ms / 2 - jitter_ms
+/// The instant (Unix ms) at which an SVID received at `received_ms` and valid until
+/// `not_after` (Unix seconds) should be renewed, for a jitter draw `jitter` in `[0, 1)`:
+/// half of the lifetime left at receipt, minus up to a tenth of it. The lifetime is
+/// measured from receipt, not from notBefore, because the server backdates notBefore
+/// (10 s) and a short SVID would otherwise be due the moment it arrives. Never sooner
+/// than 1 s after receipt (or half the remainder, for an SVID about to expire).
+pub fn renew_at_ms(received_ms: i64, not_after: i64, jitter: f64) -> i64 {
+    let remaining = (not_after * 1000 - received_ms).max(0);
+    let jitter_ms = (remaining as f64 * 0.1 * jitter.clamp(0.0, 1.0)) as i64;
+    let earliest = received_ms + (remaining / 2).min(1000);
+    (received_ms + remaining / 2 - jitter_ms).max(earliest)
 }
 
 /// Capped exponential backoff after `failures` consecutive failures: 1 s doubling to 30 s.
@@ -59,15 +64,18 @@ mod tests {
     }
 
     #[test]
-    fn half_life_with_bounded_jitter() {
-        assert_eq!(renew_at_ms(1000, 1100, 0.0), 1_050_000);
-        assert_eq!(renew_at_ms(1000, 1100, 0.5), 1_045_000);
-        // A 10 s SVID renews between 4 s and 5 s after issue.
-        let at = renew_at_ms(0, 10, 0.5);
+    fn half_life_from_receipt_with_bounded_jitter() {
+        assert_eq!(renew_at_ms(1_000_000, 1100, 0.0), 1_050_000);
+        assert_eq!(renew_at_ms(1_000_000, 1100, 0.5), 1_045_000);
+        // A 10 s SVID (notBefore backdated by the server) renews 4 to 5 s after receipt.
+        let at = renew_at_ms(0, 10, 0.999);
         assert!((4000..=5000).contains(&at), "{at}");
         // Jitter draws outside [0, 1) are clamped, never pushing renewal past half-life.
         assert_eq!(renew_at_ms(0, 10, -3.0), 5000);
         assert_eq!(renew_at_ms(0, 10, 7.0), 4000);
+        // Nearly expired: half the remainder, not a busy loop; already expired: now.
+        assert_eq!(renew_at_ms(0, 1, 1.0), 500);
+        assert_eq!(renew_at_ms(5000, 1, 0.0), 5000);
     }
 
     #[test]
@@ -83,8 +91,8 @@ mod tests {
             start_ms: 1_000_000,
             start: tokio::time::Instant::now(),
         };
-        // An SVID issued now for 60 s, no jitter: renew 30 s from now.
-        let at = renew_at_ms(1000, 1060, 0.0);
+        // An SVID received now, valid for 60 s, no jitter: renew 30 s from now.
+        let at = renew_at_ms(clock.now_ms(), 1060, 0.0);
         let deadline = instant_at(&clock, at);
         let sleeper = tokio::time::sleep_until(deadline);
         tokio::pin!(sleeper);

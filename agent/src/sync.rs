@@ -131,7 +131,7 @@ impl SyncWorker {
     ) -> Result<(Self, SnapshotRx), SyncError> {
         let client = Self::client_for(&trust_domain, &server_address, &agent, &roots)?;
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-        let agent_renew_at_ms = renew_at_ms(agent.not_before, agent.not_after, fastrand::f64());
+        let agent_renew_at_ms = renew_at_ms(clock.now_ms(), agent.not_after, fastrand::f64());
         let worker = SyncWorker {
             trust_domain,
             server_address,
@@ -418,7 +418,7 @@ impl SyncWorker {
                         not_before: info.not_before,
                         not_after: info.not_after,
                         revision: entry.revision,
-                        renew_at_ms: renew_at_ms(info.not_before, info.not_after, fastrand::f64()),
+                        renew_at_ms: renew_at_ms(now, info.not_after, fastrand::f64()),
                     }));
                     self.retry.remove(&entry_id);
                     tracing::debug!(entry = %entry_id, spiffe_id = %id, "X509-SVID updated");
@@ -465,7 +465,7 @@ impl SyncWorker {
             &self.roots,
         )
         .map_err(|e| RenewError::Retry(e.to_string()))?;
-        self.agent_renew_at_ms = renew_at_ms(agent.not_before, agent.not_after, fastrand::f64());
+        self.agent_renew_at_ms = renew_at_ms(self.clock.now_ms(), agent.not_after, fastrand::f64());
         self.agent = agent;
         tracing::info!(serial = %info.serial_hex, not_after = info.not_after, "renewed the agent SVID");
         Ok(())
