@@ -20,11 +20,12 @@ PY_PKGS=(spiffe==0.3.2 cryptography==50.0.2 grpcio==1.85.1 protobuf==7.36.2)
 # uid 65534, which the python_client tests use for an unregistered workload.
 SYS_PY=/usr/bin/python3.11
 
-# 1. System packages: openssl and systemd-analyze (the tests call them), a venv-capable
+# 1. System packages: openssl, curl and systemd-analyze (the tests call them), a venv-capable
 #    Debian python. apt only runs when something is missing.
-begin system "openssl, systemd-analyze, $SYS_PY"
+begin system "openssl, curl, systemd-analyze, $SYS_PY"
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 "$SYS_PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3.11-venv)
 if [ ${#missing[@]} -gt 0 ]; then
