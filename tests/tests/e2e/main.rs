@@ -1,0 +1,9 @@
+//! End-to-end tests: one test binary, one module per topic, sharing the harness in
+//! `lanyard_tests` (tests/src/lib.rs). They start the real `lanyard-server` and
+//! `lanyard-agent` binaries and talk to them with real clients.
+
+mod demo_script;
+mod python_client;
+mod server_and_cli;
+mod systemd_units;
+mod workload_clients;
