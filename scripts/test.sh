@@ -56,4 +56,14 @@ command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 begin build "cargo build --workspace --bins --locked"
 cargo build --workspace --bins --locked
 begin test "cargo test --workspace --locked $*"
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo prints one per test binary, the last of
+# which is often an empty doc-test run).
+totals=$(awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed", p, f }' "$log")
+rm -f "$log"
+trap - EXIT
+summary
+echo "$totals"
+exit "$status"
