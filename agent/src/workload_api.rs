@@ -194,14 +194,20 @@ impl WorkloadApi {
             uid: cred.uid(),
             gid: cred.gid(),
         };
+        let failed = |e: lanyard_attestors::workload::AttestError| {
+            tracing::debug!(pid, error = %e, "workload attestation failed");
+            Status::unavailable(format!("could not attest the caller: {e}"))
+        };
+        // Inline when only small /proc reads are needed (a thread handoff would cost more
+        // than the work); on a blocking thread when a new executable must be hashed.
+        if let Some(selectors) = self.attestor.attest_cached(&peer).map_err(failed)? {
+            return Ok(selectors);
+        }
         let attestor = Arc::clone(&self.attestor);
         tokio::task::spawn_blocking(move || attestor.attest(&peer))
             .await
             .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
-            .map_err(|e| {
-                tracing::debug!(pid, error = %e, "workload attestation failed");
-                Status::unavailable(format!("could not attest the caller: {e}"))
-            })
+            .map_err(failed)
     }
 
     /// Serves `view` as a stream: first message as soon as there is one (or an error

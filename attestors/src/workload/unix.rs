@@ -25,9 +25,9 @@
 //!
 //! Pid reuse: everything is read through one open handle on `/proc/<pid>`, which the kernel ties
 //! to that very process (once it exits, reads through the handle fail even if the pid is reused),
-//! and the process start time and executable link are read again after everything else, so a
-//! process that exited or executed another program meanwhile is reported as
-//! [`AttestError::ProcessGone`] or [`AttestError::ProcessChanged`]. The effective uid and gid in
+//! and the executable link is read again after everything else, so a process that exited or
+//! executed another program meanwhile is reported as [`AttestError::ProcessGone`] or
+//! [`AttestError::ProcessChanged`]. The effective uid and gid in
 //! `/proc/<pid>/status` must still be the ones the peer connected with
 //! ([`AttestError::CredentialsChanged`]), which also catches a pid recycled by another user's
 //! process before attestation started.
@@ -187,14 +187,36 @@ impl UnixAttestor {
         lock(&self.hashes).entries.len()
     }
 
-    /// The sorted `unix:*` selectors of the process behind `peer`.
+    /// The sorted `unix:*` selectors of the process behind `peer`. May read and hash
+    /// the whole executable: call it where blocking is fine.
     pub fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError> {
+        match self.attest_inner(peer, true)? {
+            Some(selectors) => Ok(selectors),
+            None => Err(AttestError::ExecutableChanged { pid: peer.pid }),
+        }
+    }
+
+    /// Like [`attest`](Self::attest), but only if the executable's digest is already
+    /// cached: `Ok(None)` means it would have to be hashed. This path only reads small
+    /// /proc files, so the Workload API runs it inline and keeps `attest` on a blocking
+    /// thread for executables it has not seen.
+    pub fn attest_cached(
+        &self,
+        peer: &PeerCredentials,
+    ) -> Result<Option<Vec<Selector>>, AttestError> {
+        self.attest_inner(peer, false)
+    }
+
+    fn attest_inner(
+        &self,
+        peer: &PeerCredentials,
+        may_hash: bool,
+    ) -> Result<Option<Vec<Selector>>, AttestError> {
         let pid = peer.pid;
         if pid <= 0 {
             return Err(AttestError::InvalidPid { pid });
         }
         let process = ProcDir::open(&self.config, pid)?;
-        let started = process.start_time()?;
 
         let status = process.status()?;
         if status.euid != peer.uid || status.egid != peer.gid {
@@ -206,7 +228,9 @@ impl UnixAttestor {
                 proc_gid: status.egid,
             });
         }
-        let exe = self.executable(&process)?;
+        let Some(exe) = self.executable(&process, may_hash)? else {
+            return Ok(None);
+        };
 
         let mut values = Vec::with_capacity(6 + 2 * status.groups.len());
         values.push(format!("uid:{}", peer.uid));
@@ -230,8 +254,10 @@ impl UnixAttestor {
             values.push(format!("sha256:{}", hex::encode(digest)));
         }
 
-        // Everything above must describe one and the same process image.
-        if process.exe_link()? != exe.link || process.start_time()? != started {
+        // Everything above must describe one and the same process image. Reads through
+        // the open /proc/<pid> handle fail once that process is gone, even if the pid is
+        // reused; a new program run by the same process (execve) shows as a changed link.
+        if process.exe_link()? != exe.link {
             return Err(AttestError::ProcessChanged { pid });
         }
 
@@ -250,22 +276,27 @@ impl UnixAttestor {
             .collect();
         selectors.sort();
         selectors.dedup();
-        Ok(selectors)
+        Ok(Some(selectors))
     }
 
-    /// Path and digest of the executable the process runs.
-    fn executable(&self, process: &ProcDir) -> Result<Executable, AttestError> {
+    /// Path and digest of the executable the process runs; `None` when the digest is not
+    /// cached and `may_hash` is false.
+    fn executable(
+        &self,
+        process: &ProcDir,
+        may_hash: bool,
+    ) -> Result<Option<Executable>, AttestError> {
         let pid = process.pid;
         let link = process.exe_link()?;
         let file = process.open_file("exe")?;
         let meta = file.metadata().map_err(|e| process.error("exe", e))?;
         if link.as_bytes().ends_with(DELETED_SUFFIX) || meta.nlink() == 0 {
             debug!(pid, exe = ?link, "executable was deleted; omitting unix:path and unix:sha256");
-            return Ok(Executable {
+            return Ok(Some(Executable {
                 link,
                 path: None,
                 sha256: None,
-            });
+            }));
         }
         let path = match link.to_str() {
             Some(path) if path.starts_with('/') => Some(path.to_owned()),
@@ -274,8 +305,10 @@ impl UnixAttestor {
                 None
             }
         };
-        let sha256 = self.sha256(process, file, &meta)?;
-        Ok(Executable { link, path, sha256 })
+        Ok(match self.sha256(process, file, &meta, may_hash)? {
+            Digest::Known(sha256) => Some(Executable { link, path, sha256 }),
+            Digest::NotCached => None,
+        })
     }
 
     /// The SHA-256 of the opened executable, from the cache when its identity is known.
@@ -284,14 +317,15 @@ impl UnixAttestor {
         process: &ProcDir,
         mut file: File,
         meta: &Metadata,
-    ) -> Result<Option<[u8; 32]>, AttestError> {
+        may_hash: bool,
+    ) -> Result<Digest, AttestError> {
         let pid = process.pid;
         if !meta.is_file() {
             debug!(
                 pid,
                 "executable is not a regular file; omitting unix:sha256"
             );
-            return Ok(None);
+            return Ok(Digest::Known(None));
         }
         let size = meta.len();
         if size > self.config.max_hash_bytes {
@@ -301,7 +335,7 @@ impl UnixAttestor {
                 max_hash_bytes = self.config.max_hash_bytes,
                 "executable is too large to hash; omitting unix:sha256"
             );
-            return Ok(None);
+            return Ok(Digest::Known(None));
         }
         let key = FileKey::of(meta);
         if let Some(digest) = lock(&self.hashes).get(&key) {
@@ -309,7 +343,10 @@ impl UnixAttestor {
             self.stats
                 .hash_hits
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(Some(digest));
+            return Ok(Digest::Known(Some(digest)));
+        }
+        if !may_hash {
+            return Ok(Digest::NotCached);
         }
 
         // Hash without holding the lock; concurrent misses on one file just hash it twice.
@@ -323,7 +360,7 @@ impl UnixAttestor {
             .hashes_computed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         lock(&self.hashes).insert(key, digest);
-        Ok(Some(digest))
+        Ok(Digest::Known(Some(digest)))
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
@@ -340,6 +377,14 @@ impl UnixAttestor {
 }
 
 /// What the attestor learned about the executable of a process.
+/// What the digest cache knows about an executable.
+enum Digest {
+    /// The digest, or `None` when the file gets no `unix:sha256` selector.
+    Known(Option<[u8; 32]>),
+    /// Not cached, and hashing was not allowed.
+    NotCached,
+}
+
 struct Executable {
     /// The raw `exe` link, compared again at the end of attestation.
     link: OsString,
@@ -417,11 +462,6 @@ impl ProcDir {
         Ok(bytes)
     }
 
-    fn start_time(&self) -> Result<u64, AttestError> {
-        let stat = self.read("stat")?;
-        parse_start_time(&stat).map_err(|reason| self.parse_error("stat", reason))
-    }
-
     fn status(&self) -> Result<Status, AttestError> {
         let status = self.read("status")?;
         parse_status(&status).map_err(|reason| self.parse_error("status", reason))
@@ -435,25 +475,6 @@ impl ProcDir {
 /// Whether an error reading `/proc/<pid>` means the process is gone.
 fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == Errno::ENOENT as i32 || code == Errno::ESRCH as i32)
-}
-
-/// The start time (field 22, in clock ticks since boot) from the text of `/proc/<pid>/stat`.
-///
-/// The command name (field 2) is enclosed in parentheses but may itself contain spaces and
-/// parentheses, so the fields after it are found after the last `)`.
-fn parse_start_time(stat: &[u8]) -> Result<u64, &'static str> {
-    let close = stat
-        .iter()
-        .rposition(|&b| b == b')')
-        .ok_or("no ')' closing the command name")?;
-    let rest = std::str::from_utf8(&stat[close + 1..])
-        .map_err(|_| "the fields after the command name are not text")?;
-    // Fields after the command name start with field 3 (state); field 22 is the 20th of them.
-    rest.split_ascii_whitespace()
-        .nth(22 - 3)
-        .ok_or("fewer than 22 fields")?
-        .parse()
-        .map_err(|_| "the start time (field 22) is not a number")
 }
 
 /// The parts of `/proc/<pid>/status` the attestor uses.
@@ -677,18 +698,6 @@ mod tests {
             .collect()
     }
 
-    /// A stat line whose field n (from 3 on) is the number n, with start time `start`.
-    fn stat_line(comm: &str, start: u64) -> String {
-        let fields: Vec<String> = (3..=52)
-            .map(|n| match n {
-                3 => "S".to_owned(),
-                22 => start.to_string(),
-                n => n.to_string(),
-            })
-            .collect();
-        format!("4242 ({comm}) {}\n", fields.join(" "))
-    }
-
     /// A fake `/proc/4242` under a temporary proc root.
     struct FakeProc {
         root: tempfile::TempDir,
@@ -701,7 +710,6 @@ mod tests {
             let root = tempfile::tempdir().unwrap();
             let dir = root.path().join(Self::PID.to_string());
             std::fs::create_dir(&dir).unwrap();
-            std::fs::write(dir.join("stat"), stat_line("fake (proc)", 777)).unwrap();
             std::fs::write(
                 dir.join("status"),
                 format!(
@@ -794,6 +802,16 @@ mod tests {
         assert_eq!(attestor.cache_len(), 1);
         assert_eq!(attestor.stats.hashes_computed.load(Ordering::Relaxed), 1);
         assert_eq!(attestor.stats.hash_hits.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn cached_only_attestation_never_hashes() {
+        let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+        assert_eq!(attestor.attest_cached(&me()).unwrap(), None, "digest not cached yet");
+        assert_eq!(attestor.stats.hashes_computed.load(Ordering::Relaxed), 0);
+        let full = attestor.attest(&me()).unwrap();
+        assert_eq!(attestor.attest_cached(&me()).unwrap(), Some(full));
+        assert_eq!(attestor.stats.hashes_computed.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -1025,27 +1043,6 @@ mod tests {
             err.to_string(),
             format!("parsing {}: malformed Uid line", status.display())
         );
-    }
-
-    #[test]
-    fn stat_parser_finds_the_last_parenthesis() {
-        assert_eq!(
-            parse_start_time(stat_line("a) b) c", 98765).as_bytes()),
-            Ok(98765)
-        );
-        assert_eq!(parse_start_time(stat_line("x (y) z", 1).as_bytes()), Ok(1));
-        assert_eq!(parse_start_time(stat_line(")", 5).as_bytes()), Ok(5));
-        let mut raw = b"123 (\xff\xfe ".to_vec();
-        raw.extend_from_slice(stat_line(")", 42).split_once(' ').unwrap().1.as_bytes());
-        assert_eq!(
-            parse_start_time(&raw),
-            Ok(42),
-            "non-UTF-8 command names are fine"
-        );
-        assert!(parse_start_time(b"123 (a) S 1 2 3").is_err());
-        assert!(parse_start_time(b"123 no parenthesis").is_err());
-        let real = std::fs::read("/proc/self/stat").unwrap();
-        assert!(parse_start_time(&real).unwrap() > 0);
     }
 
     #[test]
