@@ -24,6 +24,9 @@ use crate::tls::PeerInfo;
 
 /// More CSRs than this in one call is refused; agents split larger batches.
 pub const MAX_BATCH: usize = 1000;
+/// Batches are split over the cores, but not into pieces smaller than this (a thread
+/// handoff costs more than signing a few SVIDs).
+const MIN_CHUNK: usize = 8;
 
 /// The agent service.
 #[derive(Debug, Clone)]
@@ -310,32 +313,34 @@ impl AgentService for AgentApi {
             .into_iter()
             .map(|e| (e.id.clone(), e))
             .collect();
-        let state = self.state.clone();
-        let agent_id = caller.record.spiffe_id.clone();
-        // Signing is CPU work: keep it off the async workers.
-        let results = tokio::task::spawn_blocking(move || {
-            requests
-                .into_iter()
-                .map(|r| {
-                    let outcome = sign_one(&state, &authorized, &caller.public_key, &r);
-                    match outcome {
-                        Ok((entry, signed)) => {
-                            tracing::info!(target: "audit", action = "svid.issue", agent = %agent_id, entry = %entry.id,
-                                spiffe_id = %entry.spiffe_id, serial = %signed.serial_hex, not_after = signed.not_after,
-                                "X509-SVID issued");
-                            SvidResult { entry_id: r.entry_id, x509_svid_chain: signed.chain, error: String::new() }
-                        }
-                        Err(why) => {
-                            tracing::warn!(target: "audit", action = "svid.issue", agent = %agent_id, entry = %r.entry_id,
-                                outcome = "refused", reason = %why, "X509-SVID refused");
-                            SvidResult { entry_id: r.entry_id, x509_svid_chain: vec![], error: why }
-                        }
-                    }
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        // Signing is CPU work: keep it off the async workers, and spread one batch over
+        // the cores, since an agent sends its batches one at a time.
+        let authorized = Arc::new(authorized);
+        let agent = Arc::new((caller.record.spiffe_id.clone(), caller.public_key));
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let chunk = requests.len().div_ceil(cores).max(MIN_CHUNK);
+        let mut tasks = Vec::new();
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            let part: Vec<SvidRequest> = requests.by_ref().take(chunk).collect();
+            let (state, authorized, agent) = (
+                self.state.clone(),
+                Arc::clone(&authorized),
+                Arc::clone(&agent),
+            );
+            tasks.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|r| issue(&state, &authorized, &agent.0, &agent.1, r))
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut results = Vec::new();
+        for task in tasks {
+            results.extend(
+                task.await
+                    .map_err(|e| Status::internal(format!("signing task failed: {e}")))?,
+            );
+        }
         Ok(Response::new(SignX509SvidsResponse { results }))
     }
 
@@ -346,6 +351,37 @@ impl AgentService for AgentApi {
         Ok(Response::new(
             self.state.bundle().to_proto(&self.state.trust_domain),
         ))
+    }
+}
+
+/// Signs one request and audits the outcome either way.
+fn issue(
+    state: &State,
+    authorized: &HashMap<String, Arc<Entry>>,
+    agent_id: &SpiffeId,
+    agent_key: &[u8],
+    r: SvidRequest,
+) -> SvidResult {
+    match sign_one(state, authorized, agent_key, &r) {
+        Ok((entry, signed)) => {
+            tracing::info!(target: "audit", action = "svid.issue", agent = %agent_id, entry = %entry.id,
+                spiffe_id = %entry.spiffe_id, serial = %signed.serial_hex, not_after = signed.not_after,
+                "X509-SVID issued");
+            SvidResult {
+                entry_id: r.entry_id,
+                x509_svid_chain: signed.chain,
+                error: String::new(),
+            }
+        }
+        Err(why) => {
+            tracing::warn!(target: "audit", action = "svid.issue", agent = %agent_id, entry = %r.entry_id,
+                outcome = "refused", reason = %why, "X509-SVID refused");
+            SvidResult {
+                entry_id: r.entry_id,
+                x509_svid_chain: vec![],
+                error: why,
+            }
+        }
     }
 }
 
