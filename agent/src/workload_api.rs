@@ -220,20 +220,38 @@ impl WorkloadApi {
     {
         let mut cache = self.cache.clone();
         let mut shutdown = self.shutdown.clone();
-        let guard = StreamGuard::new(&self.open_streams);
+        let current = move |cache: &mut SnapshotRx| {
+            let snapshot = cache.borrow_and_update().clone();
+            if snapshot.synced {
+                view(&snapshot)
+            } else {
+                Ok(None)
+            }
+        };
+        // The first message is built here, before the stream task runs, so it is ready
+        // the moment tonic polls the stream.
         let (tx, rx) = mpsc::channel(2);
+        let mut last: Option<K> = None;
+        if let Some((key, msg)) = current(&mut cache)? {
+            let _ = tx.try_send(Ok(msg));
+            last = Some(key);
+        }
+        let guard = StreamGuard::new(&self.open_streams);
         tokio::spawn(async move {
             let _guard = guard;
             let first_deadline = tokio::time::Instant::now() + FIRST_MESSAGE_WAIT;
-            let mut last: Option<K> = None;
             loop {
-                let snapshot = cache.borrow_and_update().clone();
-                let outcome = if snapshot.synced {
-                    view(&snapshot)
-                } else {
-                    Ok(None)
-                };
-                match outcome {
+                let waiting_first = last.is_none();
+                tokio::select! {
+                    changed = cache.changed() => if changed.is_err() { let _ = tx.send(Err(shutting_down())).await; return; },
+                    () = stopped(&mut shutdown) => { let _ = tx.send(Err(shutting_down())).await; return; }
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep_until(first_deadline), if waiting_first => {
+                        let _ = tx.send(Err(Status::unavailable("SVIDs are not ready yet; retry"))).await;
+                        return;
+                    }
+                }
+                match current(&mut cache) {
                     Ok(Some((key, msg))) => {
                         if last.as_ref() != Some(&key) {
                             if tx.send(Ok(msg)).await.is_err() {
@@ -245,16 +263,6 @@ impl WorkloadApi {
                     Ok(None) => {}
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                }
-                let waiting_first = last.is_none();
-                tokio::select! {
-                    changed = cache.changed() => if changed.is_err() { let _ = tx.send(Err(shutting_down())).await; return; },
-                    () = stopped(&mut shutdown) => { let _ = tx.send(Err(shutting_down())).await; return; }
-                    () = tx.closed() => return,
-                    () = tokio::time::sleep_until(first_deadline), if waiting_first => {
-                        let _ = tx.send(Err(Status::unavailable("SVIDs are not ready yet; retry"))).await;
                         return;
                     }
                 }
