@@ -82,6 +82,67 @@ fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
     child.wait().ok()
 }
 
+/// A daemon the harness started: stdout to /dev/null, stderr appended to `log`; killed
+/// when dropped.
+#[derive(Debug)]
+struct Daemon {
+    name: &'static str,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(name: &'static str, log: PathBuf) -> Daemon {
+        Daemon {
+            name,
+            log,
+            child: None,
+        }
+    }
+
+    /// Starts `cmd` and waits until `ready` says `what` is up; fails at once, with the
+    /// log, if the process exits first.
+    fn start(&mut self, cmd: &mut Command, what: &str, mut ready: impl FnMut() -> bool) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.name));
+        self.child = Some(child);
+        wait_until(what, Duration::from_secs(15), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("{} exited early ({status}):\n{}", self.name, self.log());
+            }
+            ready()
+        });
+    }
+
+    /// Stops it (SIGTERM) and returns its exit status.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.take().and_then(|mut c| terminate(&mut c))
+    }
+
+    /// Its log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A running `lanyard-server` with its own data directory and admin socket.
 #[derive(Debug)]
 pub struct Server {
@@ -90,7 +151,7 @@ pub struct Server {
     pub admin_socket: PathBuf,
     pub address: String,
     pub log: PathBuf,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl Server {
@@ -103,64 +164,48 @@ impl Server {
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         )
         .expect("chmod");
+        let log = root.join("server.log");
         let mut server = Server {
             trust_domain: trust_domain.to_string(),
             data_dir: root.join("server-data"),
             admin_socket: admin_dir.join("admin.sock"),
             address: format!("127.0.0.1:{}", free_port()),
-            log: root.join("server.log"),
-            child: None,
+            log: log.clone(),
+            daemon: Daemon::new("lanyard-server", log),
         };
         server.spawn(extra);
         server
     }
 
     fn spawn(&mut self, extra: &[&str]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let child = Command::new(bin("lanyard-server"))
-            .args([
-                "run",
-                "--trust-domain",
-                &self.trust_domain,
-                "--bind-address",
-                &self.address,
-            ])
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn lanyard-server");
-        self.child = Some(child);
-        let admin = self.admin_socket.clone();
-        let log = self.log.clone();
-        wait_until("the server's admin socket", Duration::from_secs(15), || {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!(
-                    "lanyard-server exited early ({status}):\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            run(Command::new(bin("lanyard-server"))
-                .arg("healthcheck")
-                .arg("--admin-socket")
-                .arg(&admin))
-            .status
-            .success()
-        });
+        let mut cmd = Command::new(bin("lanyard-server"));
+        cmd.args([
+            "run",
+            "--trust-domain",
+            &self.trust_domain,
+            "--bind-address",
+            &self.address,
+        ])
+        .arg("--admin-socket")
+        .arg(&self.admin_socket)
+        .arg("--data-dir")
+        .arg(&self.data_dir)
+        .args(extra);
+        let admin = &self.admin_socket;
+        self.daemon
+            .start(&mut cmd, "the server's admin socket", || {
+                run(Command::new(bin("lanyard-server"))
+                    .arg("healthcheck")
+                    .arg("--admin-socket")
+                    .arg(admin))
+                .status
+                .success()
+            });
     }
 
     /// Stops the server (SIGTERM) and returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.take().and_then(|mut c| terminate(&mut c))
+        self.daemon.stop()
     }
 
     /// Starts it again on the same data directory, socket and port.
@@ -189,6 +234,30 @@ impl Server {
             .to_string()
     }
 
+    /// An `entry create` command (not yet run) for `spiffe_id` under `parent_id` with
+    /// `selectors` and `extra` flags.
+    pub fn entry_create(
+        &self,
+        spiffe_id: &str,
+        parent_id: &str,
+        selectors: &[&str],
+        extra: &[&str],
+    ) -> Command {
+        let mut cmd = self.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent_id,
+        ]);
+        for s in selectors {
+            cmd.args(["--selector", s]);
+        }
+        cmd.args(extra);
+        cmd
+    }
+
     /// Registers an entry and returns its id.
     pub fn create_entry(
         &self,
@@ -197,21 +266,9 @@ impl Server {
         selectors: &[&str],
         extra: &[&str],
     ) -> String {
-        let mut args = vec![
-            "entry",
-            "create",
-            "--spiffe-id",
-            spiffe_id,
-            "--parent-id",
-            parent_id,
-            "--output",
-            "json",
-        ];
-        for s in selectors {
-            args.extend(["--selector", s]);
-        }
-        args.extend(extra);
-        let out = ok(&mut self.cli(&args));
+        let out = ok(self
+            .entry_create(spiffe_id, parent_id, selectors, extra)
+            .args(["--output", "json"]));
         let v: serde_json::Value = serde_json::from_str(&out).expect("entry json");
         v["id"].as_str().expect("id").to_string()
     }
@@ -223,16 +280,7 @@ impl Server {
 
     /// The server's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon.log()
     }
 }
 
@@ -243,7 +291,7 @@ pub struct Agent {
     pub socket: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl Agent {
@@ -251,10 +299,11 @@ impl Agent {
     pub fn start(root: &Path, server: &Server, token: Option<&str>) -> Agent {
         let bundle = root.join("bootstrap.pem");
         std::fs::write(&bundle, server.bundle_pem()).expect("bundle");
+        let log = root.join("agent.log");
         let mut agent = Agent {
             data_dir: root.join("agent-data"),
             socket: root.join("agent-run").join("api.sock"),
-            log: root.join("agent.log"),
+            log: log.clone(),
             args: vec![
                 "run".into(),
                 "--trust-domain".into(),
@@ -264,7 +313,7 @@ impl Agent {
                 "--trust-bundle-path".into(),
                 bundle.display().to_string(),
             ],
-            child: None,
+            daemon: Daemon::new("lanyard-agent", log),
         };
         agent.spawn(token);
         agent
@@ -285,40 +334,18 @@ impl Agent {
     }
 
     fn spawn(&mut self, token: Option<&str>) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let child = self
-            .command(token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
-        self.child = Some(child);
-        let socket = self.socket.clone();
-        let log = self.log.clone();
-        wait_until(
-            "the agent's Workload API socket",
-            Duration::from_secs(15),
-            || {
-                if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                    panic!(
-                        "lanyard-agent exited early ({status}):\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
+        let mut cmd = self.command(token);
+        let socket = &self.socket;
+        self.daemon
+            .start(&mut cmd, "the agent's Workload API socket", || {
                 socket.exists()
                     && run(Command::new(bin("lanyard-agent"))
                         .arg("healthcheck")
                         .arg("--socket-path")
-                        .arg(&socket))
+                        .arg(socket))
                     .status
                     .success()
-            },
-        );
+            });
     }
 
     /// `unix:///...` for SPIFFE_ENDPOINT_SOCKET and client libraries.
@@ -328,7 +355,7 @@ impl Agent {
 
     /// Stops the agent (SIGTERM) and returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.take().and_then(|mut c| terminate(&mut c))
+        self.daemon.stop()
     }
 
     /// Starts it again on the same data directory (no token: it reloads its SVID).
@@ -346,16 +373,7 @@ impl Agent {
 
     /// The agent's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon.log()
     }
 }
 
@@ -418,4 +436,250 @@ pub fn my_uid() -> u32 {
         .and_then(|rest| rest.split_whitespace().nth(1))
         .and_then(|uid| uid.parse().ok())
         .expect("uid")
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// TLS as the tests and the benchmark speak it: a SPIFFE check of a server's certificate
+/// for rustls, an agent's stored credentials, an mTLS client of the server's agent API,
+/// and CSRs as the agent makes them.
+pub mod tls {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use lanyard_proto::agent::agent_service_client::AgentServiceClient;
+    use lanyard_proto::svid::spiffe_id_of;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
+    use tonic::transport::{Channel, Endpoint};
+
+    /// The ID the server's TLS certificate must carry, and nothing else (the harness's
+    /// trust domain is `example.org`).
+    pub const SERVER_ID: &str = "spiffe://example.org/lanyard/server";
+
+    /// The ring provider, selected explicitly so nothing falls back to aws-lc.
+    pub fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// The trust anchors of a bundle; a certificate that cannot be one fails loudly.
+    pub fn anchors(bundle: &[CertificateDer<'_>]) -> Vec<TrustAnchor<'static>> {
+        bundle
+            .iter()
+            .map(|c| {
+                webpki::anchor_from_trusted_cert(c)
+                    .expect("bundle CA is a usable trust anchor")
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// RFC 5280 path validation (webpki, the ring provider's algorithms) of `leaf` and
+    /// `intermediates` to `roots`, for `usage`.
+    pub fn verify_path(
+        roots: &[TrustAnchor<'_>],
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), webpki::Error> {
+        webpki::EndEntityCert::try_from(leaf)?
+            .verify_for_usage(
+                provider().signature_verification_algorithms.all,
+                roots,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map(|_| ())
+    }
+
+    /// A rustls server-certificate check for SPIFFE: path validation against the bundle
+    /// (serverAuth), then the certificate's only URI SAN must be exactly the expected ID;
+    /// another ID is `ApplicationVerificationFailure`. The TLS server name is ignored, as
+    /// SPIFFE authenticates by ID (and the agent may reach the server by any address).
+    #[derive(Debug)]
+    pub struct SpiffeIdVerifier {
+        roots: Vec<TrustAnchor<'static>>,
+        expected: String,
+        provider: Arc<CryptoProvider>,
+    }
+
+    impl SpiffeIdVerifier {
+        /// Accepts servers that chain to `bundle` and present `expected`.
+        pub fn new(bundle: &[CertificateDer<'_>], expected: &str) -> SpiffeIdVerifier {
+            SpiffeIdVerifier {
+                roots: anchors(bundle),
+                expected: expected.to_string(),
+                provider: provider(),
+            }
+        }
+    }
+
+    impl ServerCertVerifier for SpiffeIdVerifier {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            verify_path(
+                &self.roots,
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+            )
+            .map_err(|e| {
+                rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                    Arc::new(e),
+                )))
+            })?;
+            let id = spiffe_id_of(end_entity).map_err(|e| {
+                rustls::Error::General(format!("server certificate is no SVID: {e}"))
+            })?;
+            if id.as_str() != self.expected {
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ));
+            }
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.provider.signature_verification_algorithms;
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.provider.signature_verification_algorithms;
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// An attested agent's credentials as it keeps them in its data_dir.
+    #[derive(Debug, Clone)]
+    pub struct AgentCreds {
+        /// `agent_svid.pem`.
+        pub chain: Vec<CertificateDer<'static>>,
+        /// `agent_svid.key`.
+        pub key_pem: String,
+        /// `bundle.pem`.
+        pub bundle: Vec<CertificateDer<'static>>,
+    }
+
+    impl AgentCreds {
+        /// Reads them from `data_dir`; missing or empty files fail loudly.
+        pub fn load(data_dir: &Path) -> AgentCreds {
+            let read = |name: &str| {
+                let path = data_dir.join(name);
+                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            };
+            let certs = |bytes: &[u8]| {
+                CertificateDer::pem_slice_iter(bytes)
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("PEM certificates")
+            };
+            let creds = AgentCreds {
+                chain: certs(&read("agent_svid.pem")),
+                key_pem: String::from_utf8(read("agent_svid.key")).expect("key PEM"),
+                bundle: certs(&read("bundle.pem")),
+            };
+            assert!(
+                !creds.chain.is_empty() && !creds.bundle.is_empty(),
+                "agent files in {} are empty",
+                data_dir.display()
+            );
+            creds
+        }
+
+        /// The agent's private key.
+        pub fn key(&self) -> PrivateKeyDer<'static> {
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("agent key PEM")
+        }
+    }
+
+    /// A client of the server's agent API at `address` over TLS 1.3 (ALPN h2), that
+    /// authenticates the server by `bundle` and [`SERVER_ID`] and presents `client`'s SVID
+    /// when given (without it, the server sees an anonymous caller).
+    pub async fn agent_api(
+        address: &str,
+        bundle: &[CertificateDer<'_>],
+        client: Option<&AgentCreds>,
+    ) -> AgentServiceClient<Channel> {
+        let verifier = SpiffeIdVerifier::new(bundle, SERVER_ID);
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
+        let mut config = match client {
+            Some(creds) => builder
+                .with_client_auth_cert(creds.chain.clone(), creds.key())
+                .expect("client certificate"),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let address = address.to_string();
+        let sni = ServerName::try_from("lanyard-server").expect("sni");
+        let channel = Endpoint::from_static("http://lanyard-server")
+            .connect_timeout(Duration::from_secs(10))
+            .connect_with_connector(tower::service_fn(move |_| {
+                let (connector, address, sni) = (connector.clone(), address.clone(), sni.clone());
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(&address).await?;
+                    tcp.set_nodelay(true)?;
+                    let tls = connector.connect(sni, tcp).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                }
+            }))
+            .await
+            .expect("connect to the agent API");
+        AgentServiceClient::new(channel)
+    }
+
+    /// A fresh P-256 key, as the agent makes one for every workload SVID.
+    pub fn fresh_key() -> rcgen::KeyPair {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key")
+    }
+
+    /// A PKCS#10 CSR (DER) for `key` as the agent makes it: empty subject, the single URI
+    /// SAN `uri`.
+    pub fn csr(key: &rcgen::KeyPair, uri: &str) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().expect("URI"))];
+        params.serialize_request(key).expect("CSR").der().to_vec()
+    }
 }

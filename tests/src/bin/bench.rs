@@ -42,21 +42,17 @@ use lanyard_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use lanyard_proto::workload::*;
-use lanyard_tests::{TrustDomain, bin, my_uid};
+use lanyard_tests::tls::{AgentCreds, agent_api, csr, fresh_key};
+use lanyard_tests::{TrustDomain, bin, my_uid, unix_now};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
     SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use serde_json::{Value, json};
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tonic_prost::prost::Message as _;
 
@@ -653,141 +649,6 @@ async fn measure_fetch_latency(
 // ---------------------------------------------------------------------------------------
 // Measurement 2
 
-/// Verifies the server by the bundle and its SPIFFE ID, as the agent does.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Vec<TrustAnchor<'static>>,
-    expected: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &self.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        let id = lanyard_proto::svid::spiffe_id_of(end_entity)
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        if id.as_str() != self.expected {
-            return Err(rustls::Error::General(format!(
-                "server presented {id}, expected {}",
-                self.expected
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// An agent-API client authenticated with the agent credentials stored in `data_dir`.
-async fn agent_api(address: &str, data_dir: &Path) -> Result<AgentServiceClient<Channel>> {
-    fn pem_err(p: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> anyhow::Error + '_ {
-        move |e| anyhow!("{}: {e:?}", p.display())
-    }
-    let svid_path = data_dir.join("agent_svid.pem");
-    let key_path = data_dir.join("agent_svid.key");
-    let bundle_path = data_dir.join("bundle.pem");
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&svid_path)
-        .map_err(pem_err(&svid_path))?
-        .collect::<Result<_, _>>()
-        .map_err(pem_err(&svid_path))?;
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(pem_err(&key_path))?;
-    let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&bundle_path)
-        .map_err(pem_err(&bundle_path))?
-        .collect::<Result<_, _>>()
-        .map_err(pem_err(&bundle_path))?;
-    let roots = bundle
-        .iter()
-        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("bundle: {e}"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = SpiffeServerVerifier {
-        roots,
-        expected: format!("spiffe://{TD}/lanyard/server"),
-        provider: provider.clone(),
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let address = address.to_string();
-    let sni = ServerName::try_from("lanyard-server")?;
-    let channel = Endpoint::from_static("http://lanyard-server")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let (connector, address, sni) = (connector.clone(), address.clone(), sni.clone());
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&address).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(sni, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await?;
-    Ok(AgentServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
-}
-
-/// A CSR as the agent makes it: fresh P-256 key, empty subject, URI SAN = the SPIFFE ID.
-fn make_csr(spiffe_id: &str) -> Result<Vec<u8>> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
-    Ok(params.serialize_request(&key)?.der().to_vec())
-}
-
 /// `count` CSRs for `ids` round-robin, made on `threads` threads.
 fn make_csrs(ids: &[(String, String)], count: usize, threads: usize) -> Result<Vec<SvidRequest>> {
     let per = count.div_ceil(threads);
@@ -798,18 +659,18 @@ fn make_csrs(ids: &[(String, String)], count: usize, threads: usize) -> Result<V
                     (t * per..((t + 1) * per).min(count))
                         .map(|i| {
                             let (entry_id, spiffe_id) = &ids[i % ids.len()];
-                            Ok(SvidRequest {
+                            SvidRequest {
                                 entry_id: entry_id.clone(),
-                                csr: make_csr(spiffe_id)?,
-                            })
+                                csr: csr(&fresh_key(), spiffe_id),
+                            }
                         })
-                        .collect::<Result<Vec<_>>>()
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
         let mut all = Vec::with_capacity(count);
         for h in handles {
-            all.extend(h.join().map_err(|_| anyhow!("CSR thread panicked"))??);
+            all.extend(h.join().map_err(|_| anyhow!("CSR thread panicked"))?);
         }
         Ok(all)
     })
@@ -833,13 +694,6 @@ fn floor_ca() -> Result<Issuer<'static, KeyPair>> {
     params.subject_alt_names = vec![SanType::URI(format!("spiffe://{TD}").as_str().try_into()?)];
     params.self_signed(&key)?;
     Ok(Issuer::new(params, key))
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The floor's work per SVID: parse + verify the CSR, then sign a leaf with the profile
@@ -991,7 +845,10 @@ async fn measure_issuance(td: &TrustDomain, signer_data: &Path, opts: &Opts) -> 
             })
             .collect(),
     );
-    let client = agent_api(&td.server.address, signer_data).await?;
+    let creds = AgentCreds::load(signer_data);
+    let client = agent_api(&td.server.address, &creds.bundle, Some(&creds))
+        .await
+        .max_decoding_message_size(64 * 1024 * 1024);
     // Warm-up: the connection, the server's caches, the blocking pool.
     let warm = Arc::new(
         batches

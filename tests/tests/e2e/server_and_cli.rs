@@ -5,22 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use lanyard_proto::agent::agent_service_client::AgentServiceClient;
 use lanyard_proto::agent::{SignX509SvidsRequest, SvidRequest, SvidResult};
-use lanyard_tests::{Agent, Server, TrustDomain, bin, my_uid, ok, run};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
-use tonic::transport::{Channel, Endpoint};
-
-/// The ID the server's TLS certificate must carry, and nothing else.
-const SERVER_ID: &str = "spiffe://example.org/lanyard/server";
+use lanyard_tests::tls::{AgentCreds, agent_api, anchors, csr, fresh_key, verify_path};
+use lanyard_tests::{Agent, Server, TrustDomain, bin, my_uid, ok, run, unix_now};
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 // ---------------------------------------------------------------------------------------
 // Processes
@@ -267,229 +257,11 @@ fn mode(path: &Path) -> u32 {
         & 0o777
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
-}
-
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("lanyard-cli")
         .tempdir()
         .expect("tempdir")
-}
-
-// ---------------------------------------------------------------------------------------
-// mTLS client of the agent API, built from an agent's data_dir
-// ---------------------------------------------------------------------------------------
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Accepts only a certificate that chains to the bundle and whose only URI SAN is
-/// [`SERVER_ID`].
-#[derive(Debug)]
-struct ServerIdVerifier {
-    roots: Vec<TrustAnchor<'static>>,
-    provider: Arc<CryptoProvider>,
-}
-
-fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
-    Ok(san
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-fn cert_error(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
-    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-        Arc::new(e),
-    )))
-}
-
-impl ServerCertVerifier for ServerIdVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(cert_error)?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &self.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(cert_error)?;
-        let uris = uri_sans(end_entity).map_err(rustls::Error::General)?;
-        if uris != [SERVER_ID] {
-            return Err(rustls::Error::General(format!(
-                "server presented URI SANs {uris:?}, expected only {SERVER_ID}"
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// An attested agent's credentials as it keeps them in its data_dir.
-#[derive(Debug, Clone)]
-struct AgentCreds {
-    chain: Vec<CertificateDer<'static>>,
-    key_pem: String,
-    bundle: Vec<CertificateDer<'static>>,
-}
-
-impl AgentCreds {
-    fn load(data_dir: &Path) -> AgentCreds {
-        let read = |name: &str| {
-            let path = data_dir.join(name);
-            std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        };
-        let certs = |bytes: &[u8]| {
-            CertificateDer::pem_slice_iter(bytes)
-                .collect::<Result<Vec<_>, _>>()
-                .expect("PEM certificates")
-        };
-        let creds = AgentCreds {
-            chain: certs(&read("agent_svid.pem")),
-            key_pem: String::from_utf8(read("agent_svid.key")).expect("key PEM"),
-            bundle: certs(&read("bundle.pem")),
-        };
-        assert!(
-            !creds.chain.is_empty() && !creds.bundle.is_empty(),
-            "agent files in {} are empty",
-            data_dir.display()
-        );
-        creds
-    }
-
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("agent key PEM")
-    }
-}
-
-/// A client of the server's agent API over TLS 1.3 (ALPN h2), authenticating the server
-/// by `bundle` and [`SERVER_ID`], presenting `client` (chain and key) when given.
-async fn agent_api(
-    address: &str,
-    bundle: &[CertificateDer<'static>],
-    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> AgentServiceClient<Channel> {
-    let roots = bundle
-        .iter()
-        .map(|c| {
-            webpki::anchor_from_trusted_cert(c)
-                .expect("bundle anchor")
-                .to_owned()
-        })
-        .collect();
-    let verifier = ServerIdVerifier {
-        roots,
-        provider: provider(),
-    };
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
-    let mut config = match client {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .expect("client certificate"),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let address = address.to_string();
-    let channel = Endpoint::from_static("http://lanyard-server")
-        .connect_timeout(Duration::from_secs(10))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let connector = connector.clone();
-            let address = address.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&address).await?;
-                let sni = ServerName::try_from("lanyard-server").expect("sni");
-                let tls = connector.connect(sni, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        }))
-        .await
-        .expect("connect to the agent API");
-    AgentServiceClient::new(channel)
-}
-
-async fn agent_api_as(address: &str, creds: &AgentCreds) -> AgentServiceClient<Channel> {
-    agent_api(
-        address,
-        &creds.bundle,
-        Some((creds.chain.clone(), creds.key())),
-    )
-    .await
-}
-
-/// A PKCS#10 CSR (DER) for `key` whose single URI SAN is `uri`.
-fn csr(key: &rcgen::KeyPair, uri: &str) -> Vec<u8> {
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().expect("URI"))];
-    params.serialize_request(key).expect("CSR").der().to_vec()
-}
-
-fn fresh_key() -> rcgen::KeyPair {
-    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key")
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -684,7 +456,7 @@ fn sign_x509_svids_signs_only_authorized_fresh_matching_csrs() {
     ];
     let rt = runtime();
     let results = rt.block_on(async {
-        let mut client = agent_api_as(&td.server.address, &creds).await;
+        let mut client = agent_api(&td.server.address, &creds.bundle, Some(&creds)).await;
         client
             .sign_x509_svids(SignX509SvidsRequest {
                 requests: requests.clone(),
@@ -734,28 +506,18 @@ fn sign_x509_svids_signs_only_authorized_fresh_matching_csrs() {
         good_key.public_key_raw(),
         "not the CSR's key"
     );
-    let roots: Vec<TrustAnchor<'_>> = creds
-        .bundle
-        .iter()
-        .map(|c| webpki::anchor_from_trusted_cert(c).expect("anchor"))
-        .collect();
-    let leaf_der = CertificateDer::from(leaf.as_slice());
     let intermediates: Vec<CertificateDer<'_>> = good.x509_svid_chain[1..]
         .iter()
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();
-    webpki::EndEntityCert::try_from(&leaf_der)
-        .expect("end entity")
-        .verify_for_usage(
-            provider().signature_verification_algorithms.all,
-            &roots,
-            &intermediates,
-            UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .expect("issued SVID chains to the bundle");
+    verify_path(
+        &anchors(&creds.bundle),
+        &CertificateDer::from(leaf.as_slice()),
+        &intermediates,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .expect("issued SVID chains to the bundle");
 
     // Without a client certificate the call is UNAUTHENTICATED (and nothing is signed).
     let status = rt.block_on(async {
@@ -925,7 +687,7 @@ fn evicted_agent_exits_and_needs_a_new_join_token() {
 
     // The old SVID no longer authenticates.
     let status = runtime().block_on(async {
-        let mut client = agent_api_as(&td.server.address, &creds).await;
+        let mut client = agent_api(&td.server.address, &creds.bundle, Some(&creds)).await;
         client
             .sign_x509_svids(SignX509SvidsRequest { requests: vec![] })
             .await
@@ -962,18 +724,7 @@ fn entry_commands_refuse_bad_input_and_write_nothing() {
     assert_eq!(before.len(), 1);
 
     let create = |spiffe_id: &str, parent_id: &str, selector: &str, extra: &[&str]| {
-        let mut args = vec![
-            "entry",
-            "create",
-            "--spiffe-id",
-            spiffe_id,
-            "--parent-id",
-            parent_id,
-            "--selector",
-            selector,
-        ];
-        args.extend(extra);
-        run_quick(&mut server.cli(&args))
+        run_quick(&mut server.entry_create(spiffe_id, parent_id, &[selector], extra))
     };
     let cases: Vec<(&str, Finished, Vec<&str>)> = vec![
         (

@@ -18,21 +18,20 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use lanyard_proto::svid::{LeafInfo, check_ca, check_leaf, spiffe_id_of, split_der_chain};
 use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use lanyard_proto::workload::{
-    WitBundlesRequest, WitsvidRequest, X509BundlesRequest, X509svid, X509svidRequest,
-    X509svidResponse,
+    WitBundlesRequest, WitsvidRequest, X509BundlesRequest, X509BundlesResponse, X509svid,
+    X509svidRequest, X509svidResponse,
 };
-use lanyard_tests::{TrustDomain, bin, my_uid, ok, run};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use lanyard_tests::tls::{SpiffeIdVerifier, anchors, provider, verify_path};
+use lanyard_tests::{TrustDomain, bin, my_uid, ok, run, unix_now};
+use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use spiffe::x509_source::SvidPicker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -74,13 +73,6 @@ fn with_values<T>(msg: T, values: &[&'static str]) -> Request<T> {
             .append(HEADER, MetadataValue::from_static(v));
     }
     req
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
 }
 
 fn ids_of(msg: &X509svidResponse) -> Vec<&str> {
@@ -125,14 +117,65 @@ async fn wait_for_ids(td: &TrustDomain, ids: &[&str]) -> X509svidResponse {
     );
 }
 
+/// Asserts that a call was refused with `code`.
+fn assert_code<T>(result: Result<T, Status>, code: Code, what: &str) {
+    match result {
+        Ok(_) => panic!("{what}: answered although it must be refused with {code:?}"),
+        Err(s) => assert_eq!(s.code(), code, "{what}: {s:?}"),
+    }
+}
+
+/// A trust domain whose agent already serves this process `id` (an entry for our uid
+/// with `extra` flags), and the message that serves it.
+async fn serving(id: &str, extra: &[&str]) -> (TrustDomain, X509svidResponse) {
+    let td = TrustDomain::start();
+    td.register_uid(id, my_uid(), extra);
+    let msg = wait_for_ids(&td, &[id]).await;
+    (td, msg)
+}
+
 /// The next stream message or status, failing after `within`.
-async fn next_message(
-    stream: &mut Streaming<X509svidResponse>,
-    within: Duration,
-) -> Result<Option<X509svidResponse>, Status> {
+async fn next_message<T>(stream: &mut Streaming<T>, within: Duration) -> Result<Option<T>, Status> {
     tokio::time::timeout(within, stream.message())
         .await
         .unwrap_or_else(|_| panic!("no stream message or status within {within:?}"))
+}
+
+/// The stream a streaming call opened, with its first message, which must come within
+/// 5 s.
+async fn opened<T>(
+    call: impl Future<Output = Result<tonic::Response<Streaming<T>>, Status>>,
+    what: &str,
+) -> (Streaming<T>, T) {
+    let mut stream = call
+        .await
+        .unwrap_or_else(|s| panic!("{what}: {s:?}"))
+        .into_inner();
+    let first = next_message(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|s| panic!("{what}, first message: {s:?}"))
+        .unwrap_or_else(|| panic!("{what} ended with OK before its first message"));
+    (stream, first)
+}
+
+/// A FetchX509SVID stream (with the header) and its first message.
+async fn svid_stream(client: &mut WlClient) -> (Streaming<X509svidResponse>, X509svidResponse) {
+    opened(
+        client.fetch_x509svid(with_header(X509svidRequest {})),
+        "FetchX509SVID",
+    )
+    .await
+}
+
+/// A FetchX509Bundles stream (with the header) and its first message.
+async fn bundle_stream(
+    client: &mut WlClient,
+) -> (Streaming<X509BundlesResponse>, X509BundlesResponse) {
+    opened(
+        client.fetch_x509_bundles(with_header(X509BundlesRequest {})),
+        "FetchX509Bundles",
+    )
+    .await
 }
 
 /// Checks the CAs of a bundle (spec §2) and returns the earliest notAfter.
@@ -170,34 +213,15 @@ fn verify_svid(chain: &[&[u8]], bundle: &[&[u8]], pkcs8_key: &[u8], want_id: &st
         check_ca(ca).unwrap_or_else(|e| panic!("intermediate breaks the profile: {e}"));
     }
 
-    let anchors_der: Vec<CertificateDer<'static>> = bundle
-        .iter()
-        .map(|c| CertificateDer::from(c.to_vec()))
-        .collect();
-    let anchors: Vec<_> = anchors_der
-        .iter()
-        .map(|c| webpki::anchor_from_trusted_cert(c).expect("bundle CA is a usable trust anchor"))
-        .collect();
-    let intermediates: Vec<CertificateDer<'static>> = chain[1..]
-        .iter()
-        .map(|c| CertificateDer::from(c.to_vec()))
-        .collect();
-    let leaf_der = CertificateDer::from(leaf.to_vec());
-    let ee = webpki::EndEntityCert::try_from(&leaf_der).expect("webpki parses the leaf");
+    let (roots, intermediates) = (anchors(&ders(bundle)), ders(&chain[1..]));
+    let leaf_der = CertificateDer::from(leaf);
     for usage in [
         webpki::KeyUsage::server_auth(),
         webpki::KeyUsage::client_auth(),
     ] {
-        ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &intermediates,
-            UnixTime::now(),
-            usage,
-            None,
-            None,
-        )
-        .unwrap_or_else(|e| panic!("chain does not verify against the bundle ({usage:?}): {e:?}"));
+        verify_path(&roots, &leaf_der, &intermediates, UnixTime::now(), usage).unwrap_or_else(
+            |e| panic!("chain does not verify against the bundle ({usage:?}): {e:?}"),
+        );
     }
 
     let rng = ring::rand::SystemRandom::new();
@@ -213,11 +237,17 @@ fn verify_svid(chain: &[&[u8]], bundle: &[&[u8]], pkcs8_key: &[u8], want_id: &st
         cert.public_key().subject_public_key.data.as_ref(),
         "private key does not match the leaf's public key"
     );
+    let ee = webpki::EndEntityCert::try_from(&leaf_der).expect("webpki parses the leaf");
     let msg = b"proof of possession";
     let sig = key.sign(&rng, msg).expect("sign");
     ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig.as_ref())
         .expect("a signature by the private key verifies with the leaf");
     info
+}
+
+/// Certificates as rustls takes them.
+fn ders<'a>(certs: &[&'a [u8]]) -> Vec<CertificateDer<'a>> {
+    certs.iter().map(|c| CertificateDer::from(*c)).collect()
 }
 
 /// `verify_svid` on one Workload API X509SVID message entry.
@@ -275,10 +305,6 @@ async fn x509_source(endpoint: &str, hint: Option<&'static str>) -> spiffe::X509
         .unwrap_or_else(|e| panic!("X509Source for {endpoint} (hint {hint:?}): {e}"))
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 fn peer_id(conn: &rustls::CommonState) -> String {
     let certs = conn
         .peer_certificates()
@@ -294,10 +320,8 @@ fn peer_id(conn: &rustls::CommonState) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spiffe_crate_fetches_and_validates_the_x509_svid() {
-    let td = TrustDomain::start();
     let id = "spiffe://example.org/clients/spiffe-crate";
-    td.register_uid(id, my_uid(), &["--hint", "crate"]);
-    wait_for_ids(&td, &[id]).await;
+    let (td, _) = serving(id, &["--hint", "crate"]).await;
 
     let endpoint = td.agent.endpoint();
     assert!(
@@ -363,10 +387,8 @@ async fn spiffe_crate_fetches_and_validates_the_x509_svid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_accepts_the_files_written_by_fetch_x509() {
-    let td = TrustDomain::start();
     let id = "spiffe://example.org/clients/openssl";
-    td.register_uid(id, my_uid(), &["--hint", "ossl"]);
-    wait_for_ids(&td, &[id]).await;
+    let (td, _) = serving(id, &["--hint", "ossl"]).await;
 
     let out_dir = td.dir.path().join("written");
     let socket = td.agent.socket.display().to_string();
@@ -655,79 +677,6 @@ async fn mtls_between_two_workloads_with_spiffe_rustls() {
     db.shutdown().await;
 }
 
-/// A rustls server-certificate check for SPIFFE: path validation against the bundle
-/// with webpki (serverAuth), then the URI SAN must be exactly the expected ID. The TLS
-/// server name is ignored, as SPIFFE authenticates by ID.
-#[derive(Debug)]
-struct ExpectServerId {
-    roots: Vec<CertificateDer<'static>>,
-    expected: String,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ExpectServerId {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let anchors = self
-            .roots
-            .iter()
-            .map(webpki::anchor_from_trusted_cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| rustls::Error::General(format!("bad bundle: {e:?}")))?;
-        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-        })?;
-        ee.verify_for_usage(
-            self.algs.all,
-            &anchors,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| {
-            rustls::Error::General(format!("server SVID does not chain to the bundle: {e:?}"))
-        })?;
-        let id = spiffe_id_of(end_entity)
-            .map_err(|e| rustls::Error::General(format!("server certificate is no SVID: {e}")))?;
-        if id.as_str() != self.expected {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 /// (chain, key, bundle) of the SVID with `hint`, straight from the Workload API message.
 fn material(
     msg: &X509svidResponse,
@@ -796,11 +745,7 @@ async fn mtls_between_two_workloads_with_plain_rustls() {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("tls13")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ExpectServerId {
-                roots: bundle.clone(),
-                expected: expected.to_string(),
-                algs: provider.signature_verification_algorithms,
-            }));
+            .with_custom_certificate_verifier(Arc::new(SpiffeIdVerifier::new(&bundle, expected)));
         let cfg = if present_svid {
             builder
                 .with_client_auth_cert(web_chain.clone(), web_key.clone_key())
@@ -849,23 +794,13 @@ async fn mtls_between_two_workloads_with_plain_rustls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_svid_rotates_on_the_open_stream_and_in_x509_source() {
-    let td = TrustDomain::start();
     let id = "spiffe://example.org/clients/rotating";
-    td.register_uid(id, my_uid(), &["--x509-svid-ttl", "10", "--hint", "rot"]);
     // The entry was just created, so this SVID was issued moments ago.
-    let ready = wait_for_ids(&td, &[id]).await;
+    let (td, ready) = serving(id, &["--x509-svid-ttl", "10", "--hint", "rot"]).await;
 
     let mut client = wl_client(&td).await;
     let asked = Instant::now();
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .expect("FetchX509SVID")
-        .into_inner();
-    let first = next_message(&mut stream, Duration::from_secs(5))
-        .await
-        .expect("first message")
-        .expect("not OK-ended");
+    let (mut stream, first) = svid_stream(&mut client).await;
     let got_first = Instant::now();
     let latency = got_first - asked;
     assert!(
@@ -988,15 +923,7 @@ async fn entry_changes_update_the_open_stream() {
     wait_for_ids(&td, &[first_id]).await;
 
     let mut client = wl_client(&td).await;
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .expect("FetchX509SVID")
-        .into_inner();
-    let first = next_message(&mut stream, Duration::from_secs(5))
-        .await
-        .expect("first")
-        .expect("not OK-ended");
+    let (mut stream, first) = svid_stream(&mut client).await;
     assert_eq!(ids_of(&first), [first_id]);
     let first_serial = serial_of(&first.svids[0]);
 
@@ -1060,10 +987,8 @@ async fn entry_changes_update_the_open_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_the_exact_security_header_are_invalid_argument() {
-    let td = TrustDomain::start();
     let id = "spiffe://example.org/clients/header";
-    td.register_uid(id, my_uid(), &[]);
-    wait_for_ids(&td, &[id]).await;
+    let (td, _) = serving(id, &[]).await;
     let mut client = wl_client(&td).await;
 
     let variants: [(&str, Vec<&'static str>); 5] = [
@@ -1074,50 +999,28 @@ async fn calls_without_the_exact_security_header_are_invalid_argument() {
         ("twice", vec!["true", "true"]),
     ];
     for (what, values) in &variants {
-        match client
-            .fetch_x509svid(with_values(X509svidRequest {}, values))
-            .await
-        {
-            Ok(_) => panic!("FetchX509SVID with header {what} was served"),
-            Err(s) => assert_eq!(
-                s.code(),
+        let svids = client.fetch_x509svid(with_values(X509svidRequest {}, values));
+        let svids = svids.await.map(drop);
+        let bundles = client.fetch_x509_bundles(with_values(X509BundlesRequest {}, values));
+        let bundles = bundles.await.map(drop);
+        for (rpc, result) in [("FetchX509SVID", svids), ("FetchX509Bundles", bundles)] {
+            assert_code(
+                result,
                 Code::InvalidArgument,
-                "FetchX509SVID, header {what}: {s:?}"
-            ),
-        }
-        match client
-            .fetch_x509_bundles(with_values(X509BundlesRequest {}, values))
-            .await
-        {
-            Ok(_) => panic!("FetchX509Bundles with header {what} was served"),
-            Err(s) => assert_eq!(
-                s.code(),
-                Code::InvalidArgument,
-                "FetchX509Bundles, header {what}: {s:?}"
-            ),
+                &format!("{rpc}, header {what}"),
+            );
         }
     }
     // The same caller with the right header is served (so the refusals were the header's).
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .expect("served")
-        .into_inner();
-    let msg = next_message(&mut stream, Duration::from_secs(5))
-        .await
-        .expect("message")
-        .expect("not OK-ended");
+    let (_, msg) = svid_stream(&mut client).await;
     assert_eq!(ids_of(&msg), [id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unregistered_uid_gets_permission_denied_no_identity_issued() {
     require_root("it runs Workload API clients as uid 65534");
-    let td = TrustDomain::start();
     // Registered: us. Not registered: nobody (65534).
-    let id = "spiffe://example.org/clients/root-only";
-    td.register_uid(id, my_uid(), &[]);
-    wait_for_ids(&td, &[id]).await;
+    let (td, _) = serving("spiffe://example.org/clients/root-only", &[]).await;
     let socket = td.agent.socket.display().to_string();
 
     let out = run(Command::new(bin("lanyard-agent"))
@@ -1184,28 +1087,19 @@ async fn unregistered_uid_gets_permission_denied_no_identity_issued() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_rpcs_are_unimplemented() {
-    let td = TrustDomain::start();
-    let id = "spiffe://example.org/clients/wit";
-    td.register_uid(id, my_uid(), &[]);
-    wait_for_ids(&td, &[id]).await;
+    let (td, _) = serving("spiffe://example.org/clients/wit", &[]).await;
     let mut client = wl_client(&td).await;
 
-    match client
+    let wit_svid = client
         .fetch_witsvid(with_header(WitsvidRequest {
             spiffe_id: String::new(),
         }))
-        .await
-    {
-        Ok(_) => panic!("FetchWITSVID answered"),
-        Err(s) => assert_eq!(s.code(), Code::Unimplemented, "FetchWITSVID: {s:?}"),
-    }
-    match client
+        .await;
+    assert_code(wit_svid, Code::Unimplemented, "FetchWITSVID");
+    let wit_bundles = client
         .fetch_wit_bundles(with_header(WitBundlesRequest {}))
-        .await
-    {
-        Ok(_) => panic!("FetchWITBundles answered"),
-        Err(s) => assert_eq!(s.code(), Code::Unimplemented, "FetchWITBundles: {s:?}"),
-    }
+        .await;
+    assert_code(wit_bundles, Code::Unimplemented, "FetchWITBundles");
 
     // A method the service does not have (spec §6.18).
     let channel = lanyard_proto::uds::channel(&td.agent.socket)
@@ -1220,30 +1114,15 @@ async fn unsupported_rpcs_are_unimplemented() {
             tonic_prost::ProstCodec::<(), ()>::default(),
         )
         .await;
-    match unknown {
-        Ok(_) => panic!("an unknown method answered"),
-        Err(s) => assert_eq!(s.code(), Code::Unimplemented, "unknown method: {s:?}"),
-    }
+    assert_code(unknown, Code::Unimplemented, "unknown method");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_x509_bundles_serves_the_own_trust_domain() {
-    let td = TrustDomain::start();
-    let id = "spiffe://example.org/clients/bundles";
-    td.register_uid(id, my_uid(), &[]);
-    let svids = wait_for_ids(&td, &[id]).await;
+    let (td, svids) = serving("spiffe://example.org/clients/bundles", &[]).await;
     let mut client = wl_client(&td).await;
 
-    let mut stream = client
-        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
-        .await
-        .expect("FetchX509Bundles")
-        .into_inner();
-    let msg = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("first bundles message within 5 s")
-        .expect("stream ok")
-        .expect("not OK-ended");
+    let (_, msg) = bundle_stream(&mut client).await;
     let keys: Vec<&String> = msg.bundles.keys().collect();
     assert_eq!(keys, [TD], "bundle map keys");
     let der = &msg.bundles[TD];
@@ -1268,32 +1147,13 @@ async fn fetch_x509_bundles_serves_the_own_trust_domain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_shutdown_ends_open_streams_with_unavailable() {
-    let mut td = TrustDomain::start();
     let id = "spiffe://example.org/clients/shutdown";
-    td.register_uid(id, my_uid(), &[]);
-    wait_for_ids(&td, &[id]).await;
+    let (mut td, _) = serving(id, &[]).await;
 
     let mut client = wl_client(&td).await;
-    let mut svid_stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .expect("FetchX509SVID")
-        .into_inner();
-    let first = next_message(&mut svid_stream, Duration::from_secs(5))
-        .await
-        .expect("first")
-        .expect("not OK-ended");
+    let (mut svids, first) = svid_stream(&mut client).await;
     assert_eq!(ids_of(&first), [id]);
-    let mut bundle_stream = client
-        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
-        .await
-        .expect("FetchX509Bundles")
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(5), bundle_stream.message())
-        .await
-        .expect("bundles message")
-        .expect("ok")
-        .expect("not OK-ended");
+    let (mut bundles, _) = bundle_stream(&mut client).await;
 
     let socket = td.agent.socket.clone();
     // SIGTERM, and wait for the exit, off the async workers so the streams keep flowing.
@@ -1318,15 +1178,14 @@ async fn agent_shutdown_ends_open_streams_with_unavailable() {
     for (name, outcome) in [
         (
             "FetchX509SVID",
-            next_message(&mut svid_stream, Duration::from_secs(5))
+            next_message(&mut svids, Duration::from_secs(5))
                 .await
                 .map(|m| m.map(|_| ())),
         ),
         (
             "FetchX509Bundles",
-            tokio::time::timeout(Duration::from_secs(5), bundle_stream.message())
+            next_message(&mut bundles, Duration::from_secs(5))
                 .await
-                .expect("bundles stream answers")
                 .map(|m| m.map(|_| ())),
         ),
     ] {
