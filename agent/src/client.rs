@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use lanyard_proto::SpiffeId;
 use lanyard_proto::agent::agent_service_client::AgentServiceClient;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tonic::transport::{Channel, Endpoint};
@@ -58,10 +57,4 @@ pub fn connect(
             }
         }));
     Ok(AgentServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
-}
-
-/// The SPIFFE ID the server presents.
-pub fn server_id(td: &lanyard_proto::TrustDomain) -> SpiffeId {
-    // A constant, valid path: cannot fail.
-    SpiffeId::new(td, "/lanyard/server").unwrap_or_else(|_| unreachable!())
 }

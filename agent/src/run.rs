@@ -63,7 +63,7 @@ pub enum RunError {
 
 /// Attests with a join token; returns the new identity and bundle.
 async fn attest(config: &AgentConfig, token: &str) -> Result<(AgentSvid, Vec<Vec<u8>>), RunError> {
-    let server_id = crate::client::server_id(&config.trust_domain);
+    let server_id = lanyard_proto::server_id(&config.trust_domain);
     let (key, csr) = key_and_csr(None).map_err(|e| RunError::BadAnswer(e.to_string()))?;
     let request = AttestAgentRequest {
         method: join_token::METHOD.into(),

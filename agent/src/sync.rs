@@ -156,7 +156,7 @@ impl SyncWorker {
         agent: &AgentSvid,
         roots: &[Vec<u8>],
     ) -> Result<AgentServiceClient<Channel>, SyncError> {
-        let verifier = SpiffeServerVerifier::new(roots, crate::client::server_id(td))?;
+        let verifier = SpiffeServerVerifier::new(roots, lanyard_proto::server_id(td))?;
         Ok(crate::client::connect(address, verifier, Some(agent))?)
     }
 

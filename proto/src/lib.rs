@@ -59,6 +59,12 @@ pub use generated::lanyard::agent::v1 as agent;
 /// The server's administration API.
 pub use generated::lanyard::admin::v1 as admin;
 
+/// The SPIFFE ID the server presents to agents: `spiffe://<td>/lanyard/server`.
+pub fn server_id(td: &TrustDomain) -> SpiffeId {
+    // A constant, valid path: this cannot fail.
+    SpiffeId::new(td, "/lanyard/server").unwrap_or_else(|_| unreachable!("constant path"))
+}
+
 /// The metadata key every Workload API call must carry with the value `true`.
 pub const WORKLOAD_SECURITY_HEADER: &str = "workload.spiffe.io";
 

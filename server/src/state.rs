@@ -87,7 +87,7 @@ impl State {
             store.store_bundle(td.as_str(), &bundle).await?;
         }
         let entries = EntrySnapshot::new(store.list_entries().await?);
-        let server_id = crate::tls::server_id(&td);
+        let server_id = lanyard_proto::server_id(&td);
         Ok(State(Arc::new(Inner {
             trust_domain: td,
             server_id,

@@ -86,12 +86,6 @@ pub enum TlsError {
     Key(#[from] rcgen::Error),
 }
 
-/// The server's own SPIFFE ID.
-pub fn server_id(td: &lanyard_proto::TrustDomain) -> lanyard_proto::SpiffeId {
-    // "/lanyard/server" is a valid path, so this cannot fail.
-    lanyard_proto::SpiffeId::new(td, "/lanyard/server").unwrap_or_else(|_| unreachable!())
-}
-
 /// Builds a TLS 1.3-only server config with a fresh server SVID. Returns the config
 /// and the SVID's notAfter (Unix seconds) so the caller can schedule its rotation.
 pub fn server_config(
@@ -100,7 +94,7 @@ pub fn server_config(
     ttl: std::time::Duration,
 ) -> Result<(rustls::ServerConfig, i64), TlsError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let svid = ca.sign_svid(&server_id(ca.trust_domain()), &key, ttl, &[])?;
+    let svid = ca.sign_svid(&lanyard_proto::server_id(ca.trust_domain()), &key, ttl, &[])?;
     let chain: Vec<CertificateDer<'static>> =
         svid.chain.into_iter().map(CertificateDer::from).collect();
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
