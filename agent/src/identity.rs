@@ -121,6 +121,20 @@ impl IdentityFiles {
         let key_pem = Zeroizing::new(read(&key_path)?);
         let key = pem::parse(&*key_pem).map_err(|e| corrupt(&key_path, e.to_string()))?;
         let key = PrivateKey(Zeroizing::new(key.into_contents()));
+        // A crash between writing the key and the certificate must not go unnoticed.
+        let key_public = rcgen::KeyPair::try_from(key.pkcs8_der())
+            .map_err(|e| corrupt(&key_path, e.to_string()))?
+            .public_key_raw()
+            .to_vec();
+        let leaf_public = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| c.public_key().subject_public_key.data.to_vec())
+            .map_err(|e| corrupt(&svid_path, e.to_string()))?;
+        if key_public != leaf_public {
+            return Err(corrupt(
+                &key_path,
+                "the key does not match agent_svid.pem".into(),
+            ));
+        }
         let bundle: Vec<Vec<u8>> = pem::parse_many(read(&bundle_path)?)
             .map_err(|e| corrupt(&bundle_path, e.to_string()))?
             .into_iter()

@@ -197,7 +197,7 @@ impl SyncWorker {
                     failures += 1;
                     tracing::warn!(error = %status.message(), retry_in = ?delay, "cannot reach the server; serving cached SVIDs");
                     tokio::select! {
-                        _ = shutdown.changed() => {}
+                        changed = shutdown.changed() => if changed.is_err() { return Ok(()) },
                         () = self.wait_for_due(delay) => {}
                     }
                     // Rotation keeps going even while the stream is down.
@@ -265,7 +265,11 @@ impl SyncWorker {
         {
             self.roots = bundle.x509_authorities;
             self.bundle_sequence = bundle.sequence;
-            self.files.store(&self.agent, &self.roots)?;
+            // A failed write is not fatal: the roots are in memory, and the next bundle
+            // change or renewal writes the files again.
+            if let Err(e) = self.files.store(&self.agent, &self.roots) {
+                tracing::warn!(error = %e, "cannot persist the new trust bundle");
+            }
             // New roots also authenticate the server from now on.
             self.client = Self::client_for(
                 &self.trust_domain,
@@ -293,10 +297,12 @@ impl SyncWorker {
                     continue;
                 }
             };
+            // An updated entry keeps serving its current SVID until the re-signed one
+            // arrives (rotate_due sees the revision changed), unless its ID changed.
             let svid = old
                 .remove(&raw.id)
-                .and_then(|e| e.svid)
-                .filter(|s| s.revision == raw.revision_number);
+                .filter(|e| e.spiffe_id == spiffe_id)
+                .and_then(|e| e.svid);
             self.entries.push(CachedEntry {
                 id: raw.id,
                 spiffe_id,

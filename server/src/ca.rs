@@ -278,7 +278,8 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CountryName, "US");
         dn.push(DnType::OrganizationName, "Lanyard");
-        if let Some(first) = dns_names.first() {
+        // The first DNS name doubles as CommonName, where it fits (ub-common-name is 64).
+        if let Some(first) = dns_names.first().filter(|d| d.len() <= 64) {
             dn.push(DnType::CommonName, first.as_str());
         }
         params.distinguished_name = dn;

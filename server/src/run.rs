@@ -171,6 +171,7 @@ pub async fn start(config: &ServerConfig) -> Result<Running, RunError> {
     let agent_svc = AgentServiceServer::new(agent::AgentApi::new(
         state.clone(),
         config.default_x509_svid_ttl.0,
+        shutdown_rx.clone(),
     ));
     let incoming = crate::tls::incoming(listener, tls.clone());
     tasks.spawn({

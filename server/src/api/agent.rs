@@ -34,12 +34,28 @@ pub struct AgentApi {
     state: State,
     /// Lifetime of agent SVIDs.
     agent_ttl: Duration,
+    /// Turns true on shutdown: open sync streams then end with UNAVAILABLE, so the
+    /// graceful shutdown does not wait for agents to hang up.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AgentApi {
-    pub fn new(state: State, agent_ttl: Duration) -> Self {
-        AgentApi { state, agent_ttl }
+    pub fn new(
+        state: State,
+        agent_ttl: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        AgentApi {
+            state,
+            agent_ttl,
+            shutdown,
+        }
     }
+}
+
+/// Resolves once shutdown is signalled.
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// Maps internal errors to statuses: the one place this service does so.
@@ -66,9 +82,11 @@ impl From<ApiError> for Status {
     }
 }
 
-/// An authenticated agent: its record and the public key of the SVID it presented.
+/// An authenticated agent: its record, and the serial and public key of the SVID it
+/// presented.
 struct Caller {
     record: AgentRecord,
+    serial: String,
     public_key: Vec<u8>,
 }
 
@@ -110,7 +128,11 @@ impl AgentApi {
         let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
             .map_err(|_| Status::unauthenticated("client certificate is not valid DER"))?;
         let public_key = cert.public_key().subject_public_key.data.to_vec();
-        Ok(Caller { record, public_key })
+        Ok(Caller {
+            record,
+            serial: info.serial_hex,
+            public_key,
+        })
     }
 
     /// The entries this agent may sign for, keyed by entry id.
@@ -223,17 +245,17 @@ impl AgentService for AgentApi {
             ));
         }
         let signed = self.sign_agent(&id, &csr)?;
-        let record = AgentRecord {
-            previous_serial: caller.record.serial.clone(),
-            serial: signed.serial_hex.clone(),
-            expires_at: signed.not_after,
-            ..caller.record
-        };
-        self.state
+        let renewed = self
+            .state
             .store
-            .upsert_agent(&record)
+            .renew_agent(&id, &caller.serial, &signed.serial_hex, signed.not_after)
             .await
             .map_err(ApiError::from)?;
+        if !renewed {
+            return Err(Status::permission_denied(format!(
+                "agent {id} was evicted or renewed meanwhile"
+            )));
+        }
         tracing::info!(target: "audit", action = "agent.renew", agent = %id, serial = %signed.serial_hex, "agent SVID renewed");
         Ok(Response::new(RenewAgentResponse {
             x509_svid_chain: signed.chain,
@@ -251,6 +273,7 @@ impl AgentService for AgentApi {
         let mut entries_rx = self.state.watch_entries();
         let mut bundle_rx = self.state.watch_bundle();
         let mut evictions = self.state.watch_evictions();
+        let mut shutdown = self.shutdown.clone();
         let agent_id = caller.record.spiffe_id.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -284,9 +307,20 @@ impl AgentService for AgentApi {
                             let _ = tx.send(Err(Status::permission_denied(format!("agent {agent_id} was evicted")))).await;
                             return;
                         }
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            // Missed evictions: ask the datastore whether this agent is one.
+                            if matches!(api.state.store.get_agent(&agent_id).await, Ok(None)) {
+                                let _ = tx.send(Err(Status::permission_denied(format!("agent {agent_id} was evicted")))).await;
+                                return;
+                            }
+                        }
                         Err(_) => return,
                     },
+                    () = stopped(&mut shutdown) => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        return;
+                    }
                     () = tx.closed() => return,
                 }
             }

@@ -133,6 +133,7 @@ pub fn entry_from_proto(
         .iter()
         .map(|d| dns_name(d))
         .collect::<Result<Vec<_>, _>>()?;
+    dns_names.sort();
     dns_names.dedup();
     if raw.hint.len() > 1024 || raw.hint.chars().any(char::is_control) {
         return Err(Status::invalid_argument(

@@ -126,6 +126,16 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> StoreResult<TokenUse>;
 
     async fn upsert_agent(&self, agent: &AgentRecord) -> StoreResult<()>;
+    /// Records a renewed agent SVID, but only if the agent still exists and `presented`
+    /// is its current or previous serial; `presented` becomes the previous serial. Returns
+    /// whether it did, so an eviction or a competing renewal is never overwritten.
+    async fn renew_agent(
+        &self,
+        id: &SpiffeId,
+        presented: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> StoreResult<bool>;
     async fn get_agent(&self, id: &SpiffeId) -> StoreResult<Option<AgentRecord>>;
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
     /// Removes an agent; returns whether it existed.

@@ -250,6 +250,28 @@ impl DataStore for SqliteStore {
         Ok(())
     }
 
+    async fn renew_agent(
+        &self,
+        id: &SpiffeId,
+        presented: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE agents SET previous_serial = ?, serial = ?, expires_at = ?
+             WHERE spiffe_id = ? AND (serial = ? OR previous_serial = ?)",
+        )
+        .bind(presented)
+        .bind(serial)
+        .bind(expires_at)
+        .bind(id.as_str())
+        .bind(presented)
+        .bind(presented)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn get_agent(&self, id: &SpiffeId) -> StoreResult<Option<AgentRecord>> {
         let row = sqlx::query("SELECT * FROM agents WHERE spiffe_id = ?")
             .bind(id.as_str())
@@ -426,7 +448,39 @@ mod tests {
             s.get_agent(&a.spiffe_id).await.expect("get"),
             Some(a.clone())
         );
+        assert!(
+            s.renew_agent(&a.spiffe_id, "ab", "cd", 20)
+                .await
+                .expect("renew")
+        );
+        // The SVID before the renewal still renews (its reply may have been lost) ...
+        assert!(
+            s.renew_agent(&a.spiffe_id, "ab", "ef", 30)
+                .await
+                .expect("renew")
+        );
+        let now = s
+            .get_agent(&a.spiffe_id)
+            .await
+            .expect("get")
+            .expect("agent");
+        assert_eq!(
+            (now.serial.as_str(), now.previous_serial.as_str()),
+            ("ef", "ab")
+        );
+        // ... but an unknown serial does not.
+        assert!(
+            !s.renew_agent(&a.spiffe_id, "99", "aa", 40)
+                .await
+                .expect("renew")
+        );
         assert!(s.delete_agent(&a.spiffe_id).await.expect("delete"));
+        assert!(
+            !s.renew_agent(&a.spiffe_id, "ef", "bb", 50)
+                .await
+                .expect("renew"),
+            "an evicted agent stays evicted"
+        );
         assert_eq!(s.list_agents().await.expect("list"), vec![]);
         assert_eq!(s.load_bundle("example.org").await.expect("load"), None);
     }
