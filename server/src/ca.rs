@@ -3,6 +3,7 @@
 //! profile of spec/spiffe.md §2 exactly.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +30,8 @@ pub enum CaError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("CA key file {path} has mode {mode:o}; make it readable by its owner only (chmod 600)")]
+    KeyMode { path: PathBuf, mode: u32 },
     #[error("CA key file {0} does not hold a P-256 PKCS#8 key")]
     BadKey(PathBuf),
     #[error("CA certificate {path} is unusable: {reason}")]
@@ -178,6 +181,17 @@ impl Ca {
         cert_path: &Path,
         trust_domain: &TrustDomain,
     ) -> Result<Self, CaError> {
+        // Like ssh with its keys: a CA key others can read is refused, not used.
+        let mode = fs::metadata(key_path)
+            .map_err(io_err(key_path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(CaError::KeyMode {
+                path: key_path.to_path_buf(),
+                mode: mode & 0o777,
+            });
+        }
         let key_pem = Zeroizing::new(fs::read_to_string(key_path).map_err(io_err(key_path))?);
         let key =
             KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadKey(key_path.to_path_buf()))?;
@@ -348,7 +362,6 @@ impl From<&KeyPair> for KeyPairPem {
 mod tests {
     use super::*;
     use lanyard_proto::svid::{check_ca, check_leaf};
-    use std::os::unix::fs::PermissionsExt;
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").expect("td")
@@ -451,6 +464,12 @@ mod tests {
             Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600)).expect("load");
         assert!(!created);
         assert_eq!(a.cert_der(), b.cert_der());
+        // A CA key others can read is refused.
+        let key_path = dir.path().join("ca.key");
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let refused = Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600))
+            .expect_err("a 0644 key is refused");
+        assert!(refused.to_string().contains("chmod 600"), "{refused}");
         // The reloaded CA signs leaves that chain to the same root.
         let (_k, csr) = csr_for("spiffe://example.org/a");
         let csr = VerifiedCsr::parse(&csr).expect("csr");

@@ -39,6 +39,17 @@ fn status(e: StoreError) -> Status {
     }
 }
 
+/// Who made an admin call, for the audit trail: the peer uid of the admin socket.
+fn who<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map_or_else(
+            || "unknown".to_string(),
+            |cred| format!("uid:{}", cred.uid()),
+        )
+}
+
 /// Only the server's own user (or root) may use the admin socket; the socket's
 /// directory is 0700 as well, this is the second lock.
 pub fn authorize_peer(req: Request<()>) -> Result<Request<()>, Status> {
@@ -66,6 +77,7 @@ impl AdminService for Admin {
         &self,
         req: Request<CreateEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
+        let by = who(&req);
         let raw = req
             .into_inner()
             .entry
@@ -80,7 +92,7 @@ impl AdminService for Admin {
             .change_entries(self.state.store.create_entry(&entry))
             .await
             .map_err(status)?;
-        tracing::info!(target: "audit", action = "entry.create", id = %entry.id, spiffe_id = %entry.spiffe_id,
+        tracing::info!(target: "audit", %by, action = "entry.create", id = %entry.id, spiffe_id = %entry.spiffe_id,
             parent_id = %entry.parent_id, "entry created");
         Ok(Response::new(entry_to_proto(&entry)))
     }
@@ -89,6 +101,7 @@ impl AdminService for Admin {
         &self,
         req: Request<UpdateEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
+        let by = who(&req);
         let raw = req
             .into_inner()
             .entry
@@ -102,7 +115,7 @@ impl AdminService for Admin {
             .change_entries(self.state.store.update_entry(&entry))
             .await
             .map_err(status)?;
-        tracing::info!(target: "audit", action = "entry.update", id = %stored.id, spiffe_id = %stored.spiffe_id,
+        tracing::info!(target: "audit", %by, action = "entry.update", id = %stored.id, spiffe_id = %stored.spiffe_id,
             revision = stored.revision_number, "entry updated");
         Ok(Response::new(entry_to_proto(&stored)))
     }
@@ -111,6 +124,7 @@ impl AdminService for Admin {
         &self,
         req: Request<DeleteEntryRequest>,
     ) -> Result<Response<DeleteEntryResponse>, Status> {
+        let by = who(&req);
         let id = req.into_inner().id;
         if id.is_empty() {
             return Err(Status::invalid_argument("entry id is required"));
@@ -120,7 +134,7 @@ impl AdminService for Admin {
             .change_entries(self.state.store.delete_entry(&id))
             .await
             .map_err(status)?;
-        tracing::info!(target: "audit", action = "entry.delete", id = %gone.id, spiffe_id = %gone.spiffe_id, "entry deleted");
+        tracing::info!(target: "audit", %by, action = "entry.delete", id = %gone.id, spiffe_id = %gone.spiffe_id, "entry deleted");
         Ok(Response::new(DeleteEntryResponse {}))
     }
 
@@ -153,6 +167,7 @@ impl AdminService for Admin {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<JoinToken>, Status> {
+        let by = who(&req);
         let req = req.into_inner();
         let ttl = if req.ttl == 0 {
             DEFAULT_TOKEN_TTL
@@ -204,7 +219,7 @@ impl AdminService for Admin {
             )
             .await
             .map_err(status)?;
-        tracing::info!(target: "audit", action = "token.create", expires_at = stored.expires_at,
+        tracing::info!(target: "audit", %by, action = "token.create", expires_at = stored.expires_at,
             alias = alias.as_ref().map(|a| a.as_str()).unwrap_or(""), "join token created");
         Ok(Response::new(JoinToken {
             token,
@@ -232,13 +247,14 @@ impl AdminService for Admin {
         &self,
         req: Request<EvictAgentRequest>,
     ) -> Result<Response<EvictAgentResponse>, Status> {
+        let by = who(&req);
         let raw = req.into_inner().spiffe_id;
         let id = convert::member_id("spiffe_id", &raw, &self.state.trust_domain)?;
         if !self.state.store.delete_agent(&id).await.map_err(status)? {
             return Err(Status::not_found(format!("no attested agent {id}")));
         }
         self.state.announce_eviction(id.clone());
-        tracing::info!(target: "audit", action = "agent.evict", agent = %id, "agent evicted");
+        tracing::info!(target: "audit", %by, action = "agent.evict", agent = %id, "agent evicted");
         Ok(Response::new(EvictAgentResponse {}))
     }
 
