@@ -1,22 +1,14 @@
 //! `agent.toml`: every key can also be given as a flag, and a flag wins.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 use lanyard_proto::TrustDomain;
+use lanyard_proto::daemon::LogFormat;
 use serde::Deserialize;
 
 /// Where the agent serves the Workload API unless told otherwise.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/lanyard/agent/api.sock";
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,13 +83,8 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is invalid: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] lanyard_proto::daemon::FileError),
     #[error("{0} is required (in the config file or as a flag)")]
     Missing(&'static str),
     #[error("trust_domain \"{value}\" is invalid: {source}")]
@@ -117,29 +104,10 @@ pub enum ConfigError {
     LogLevel(String),
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.into(),
-        message: e
-            .message()
-            .lines()
-            .next()
-            .unwrap_or("syntax error")
-            .to_string()
-            + &e.span()
-                .map(|s| format!(" (at byte {})", s.start))
-                .unwrap_or_default(),
-    })
-}
-
 impl AgentConfig {
     pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => read_file(path)?,
+            Some(path) => lanyard_proto::daemon::read_toml(path)?,
             None => FileConfig::default(),
         };
         let td_raw = args
@@ -184,7 +152,7 @@ impl AgentConfig {
             .clone()
             .or(file.log_level)
             .unwrap_or_else(|| "info".into());
-        if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
+        if !lanyard_proto::daemon::LOG_LEVELS.contains(&log_level.as_str()) {
             return Err(ConfigError::LogLevel(log_level));
         }
         Ok(AgentConfig {

@@ -7,7 +7,6 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod identity;
-pub mod logging;
 pub mod rotation;
 pub mod run;
 pub mod sync;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_CONFIG);
                 }
             };
-            lanyard_agent::logging::init(&config.log_level, config.log_format);
+            lanyard_proto::daemon::init_logging(&config.log_level, config.log_format);
             match runtime.block_on(lanyard_agent::run::run(config, signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -1,7 +1,7 @@
 //! `lanyard-agent run`: attest (or reload the stored identity), start the sync worker,
 //! serve the Workload API, stop on a signal.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,17 +174,7 @@ fn bind_socket(path: &Path) -> Result<UnixListener, RunError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| err(e.to_string()))?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| err(e.to_string()))?
-        }
-        Ok(_) => return Err(err("a file that is not a socket is in the way".into())),
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(listener)
+    lanyard_proto::uds::bind(path, 0o777).map_err(|e| err(e.to_string()))
 }
 
 /// Runs the agent until `stop` resolves.

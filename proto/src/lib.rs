@@ -2,6 +2,8 @@
 //! admin APIs, and the identity types they carry. The only I/O here is `uds`, the Unix
 //! socket channel both binaries use.
 
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod files;
 pub mod selector;
 pub mod spiffe_id;

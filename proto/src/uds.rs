@@ -22,6 +22,25 @@ pub async fn channel(path: impl Into<PathBuf>) -> Result<Channel, tonic::transpo
         .await
 }
 
+/// Binds a Unix socket at `path` with file mode `mode`, replacing a stale socket left by
+/// an earlier run (but never another kind of file).
+pub fn bind(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
 /// Parses `SPIFFE_ENDPOINT_SOCKET`-style addresses: `unix:///abs/path` or `unix:/abs/path`
 /// (spec §5.5); a bare absolute path is accepted too.
 pub fn socket_path_from_uri(raw: &str) -> Result<PathBuf, String> {

@@ -1,25 +1,17 @@
 //! `server.toml`: every key can also be given as a flag, and a flag wins.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 use lanyard_proto::TrustDomain;
+use lanyard_proto::daemon::LogFormat;
 use serde::Deserialize;
 
 use crate::duration::Ttl;
 
 /// Where the CLI and daemon look for the admin socket unless told otherwise.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/lanyard/server/admin.sock";
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
 
 /// The file's shape; every field optional so flags can fill gaps.
 #[derive(Debug, Default, Deserialize)]
@@ -84,13 +76,8 @@ pub struct ServerConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is invalid: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] lanyard_proto::daemon::FileError),
     #[error("trust_domain is required (in the config file or as --trust-domain)")]
     MissingTrustDomain,
     #[error("trust_domain \"{value}\" is invalid: {source}")]
@@ -110,31 +97,11 @@ pub enum ConfigError {
     LogLevel(String),
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.into(),
-        // toml's message spans several lines with a source excerpt; keep the first.
-        message: e
-            .message()
-            .lines()
-            .next()
-            .unwrap_or("syntax error")
-            .to_string()
-            + &e.span()
-                .map(|s| format!(" (at byte {})", s.start))
-                .unwrap_or_default(),
-    })
-}
-
 impl ServerConfig {
     /// Merges the file named by `--config` (if any) with the flags and validates the result.
     pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => read_file(path)?,
+            Some(path) => lanyard_proto::daemon::read_toml(path)?,
             None => FileConfig::default(),
         };
         let td_raw = args
@@ -178,7 +145,7 @@ impl ServerConfig {
             .clone()
             .or(file.log_level)
             .unwrap_or_else(|| "info".into());
-        if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
+        if !lanyard_proto::daemon::LOG_LEVELS.contains(&log_level.as_str()) {
             return Err(ConfigError::LogLevel(log_level));
         }
         Ok(ServerConfig {

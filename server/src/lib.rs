@@ -9,7 +9,6 @@ pub mod config;
 pub mod datastore;
 pub mod duration;
 pub mod entries;
-pub mod logging;
 pub mod run;
 pub mod state;
 pub mod tls;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_CONFIG);
                 }
             };
-            lanyard_server::logging::init(&config.log_level, config.log_format);
+            lanyard_proto::daemon::init_logging(&config.log_level, config.log_format);
             runtime.block_on(serve(config))
         }
         client => match runtime.block_on(lanyard_server::cli::run_client(client)) {

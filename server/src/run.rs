@@ -1,6 +1,6 @@
 //! `lanyard-server run`: start the CA, the datastore and both APIs; stop on a signal.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,17 +83,7 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
             mode & 0o777
         )));
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| err(e.to_string()))?
-        }
-        Ok(_) => return Err(err("a file that is not a socket is in the way".into())),
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(listener)
+    lanyard_proto::uds::bind(path, 0o600).map_err(|e| err(e.to_string()))
 }
 
 /// A running server, for tests and for `main`.
