@@ -807,7 +807,11 @@ mod tests {
     #[test]
     fn cached_only_attestation_never_hashes() {
         let attestor = UnixAttestor::new(UnixAttestorConfig::default());
-        assert_eq!(attestor.attest_cached(&me()).unwrap(), None, "digest not cached yet");
+        assert_eq!(
+            attestor.attest_cached(&me()).unwrap(),
+            None,
+            "digest not cached yet"
+        );
         assert_eq!(attestor.stats.hashes_computed.load(Ordering::Relaxed), 0);
         let full = attestor.attest(&me()).unwrap();
         assert_eq!(attestor.attest_cached(&me()).unwrap(), Some(full));
