@@ -500,4 +500,72 @@ mod tests {
             .append(WORKLOAD_SECURITY_HEADER, "true".parse().expect("value"));
         assert!(check_header(&twice).is_err());
     }
+
+    /// Cancelled streams leak nothing (spec §6 item 21): after clients hang up, the count
+    /// of stream tasks goes back to zero; shutdown ends open streams with UNAVAILABLE.
+    #[tokio::test]
+    async fn cancelled_streams_free_their_tasks_and_shutdown_is_unavailable() {
+        use lanyard_attestors::workload::UnixAttestorConfig;
+        use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+        use lanyard_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+        let uid = nix::unistd::geteuid().as_raw();
+        let me = format!("unix:uid:{uid}");
+        let (_cache_tx, cache) = watch::channel(Arc::new(snapshot(vec![entry(
+            "a",
+            "spiffe://example.org/me",
+            &[me.as_str()],
+            "",
+            Some("01"),
+        )])));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let attestor = Arc::new(UnixAttestor::new(UnixAttestorConfig::default()));
+        let td = TrustDomain::new("example.org").expect("td");
+        let api = WorkloadApi::new(td, cache, attestor, shutdown);
+        let open = api.open_streams();
+        let dir = tempfile::tempdir().expect("tmp");
+        let socket = dir.path().join("api.sock");
+        let listener = lanyard_proto::uds::bind(&socket, 0o777).expect("bind");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(SpiffeWorkloadApiServer::new(api))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let request = || {
+            let mut req = Request::new(X509svidRequest {});
+            req.metadata_mut()
+                .insert(WORKLOAD_SECURITY_HEADER, "true".parse().expect("value"));
+            req
+        };
+        let channel = lanyard_proto::uds::channel(&socket).await.expect("connect");
+        let mut client = SpiffeWorkloadApiClient::new(channel);
+        let mut streams = Vec::new();
+        for _ in 0..5 {
+            let mut stream = client
+                .fetch_x509svid(request())
+                .await
+                .expect("stream")
+                .into_inner();
+            let first = stream.message().await.expect("message").expect("first");
+            assert_eq!(first.svids[0].spiffe_id, "spiffe://example.org/me");
+            streams.push(stream);
+        }
+        assert_eq!(open.load(Ordering::SeqCst), 5);
+        streams.truncate(1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while open.load(Ordering::SeqCst) != 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            open.load(Ordering::SeqCst),
+            1,
+            "cancelled streams must end their tasks"
+        );
+        shutdown_tx.send(true).expect("shutdown");
+        let ended = streams[0]
+            .message()
+            .await
+            .expect_err("ends with an error, never OK");
+        assert_eq!(ended.code(), tonic::Code::Unavailable);
+    }
 }
