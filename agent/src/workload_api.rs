@@ -158,6 +158,27 @@ fn bundles_view(
     )))
 }
 
+/// Attests a caller: inline when only small /proc reads are needed (a thread handoff
+/// would cost more than the work), on a blocking thread when a new executable must be
+/// hashed.
+async fn attest(
+    attestor: &Arc<UnixAttestor>,
+    peer: PeerCredentials,
+) -> Result<Vec<Selector>, Status> {
+    let failed = |e: lanyard_attestors::workload::AttestError| {
+        tracing::debug!(pid = peer.pid, error = %e, "workload attestation failed");
+        Status::unavailable(format!("could not attest the caller: {e}"))
+    };
+    if let Some(selectors) = attestor.attest_cached(&peer).map_err(failed)? {
+        return Ok(selectors);
+    }
+    let attestor = Arc::clone(attestor);
+    tokio::task::spawn_blocking(move || attestor.attest(&peer))
+        .await
+        .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
+        .map_err(failed)
+}
+
 impl WorkloadApi {
     pub fn new(
         trust_domain: TrustDomain,
@@ -179,8 +200,8 @@ impl WorkloadApi {
         Arc::clone(&self.open_streams)
     }
 
-    /// Attests the caller from its socket's peer credentials.
-    async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+    /// The caller's credentials as the kernel reported them when it connected.
+    fn peer<T>(req: &Request<T>) -> Result<PeerCredentials, Status> {
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()
@@ -189,41 +210,35 @@ impl WorkloadApi {
         let pid = cred
             .pid()
             .ok_or_else(|| Status::unavailable("the kernel gave no pid for the caller"))?;
-        let peer = PeerCredentials {
+        Ok(PeerCredentials {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
-        };
-        let failed = |e: lanyard_attestors::workload::AttestError| {
-            tracing::debug!(pid, error = %e, "workload attestation failed");
-            Status::unavailable(format!("could not attest the caller: {e}"))
-        };
-        // Inline when only small /proc reads are needed (a thread handoff would cost more
-        // than the work); on a blocking thread when a new executable must be hashed.
-        if let Some(selectors) = self.attestor.attest_cached(&peer).map_err(failed)? {
-            return Ok(selectors);
-        }
-        let attestor = Arc::clone(&self.attestor);
-        tokio::task::spawn_blocking(move || attestor.attest(&peer))
-            .await
-            .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
-            .map_err(failed)
+        })
     }
 
     /// Serves `view` as a stream: first message as soon as there is one (or an error
     /// after FIRST_MESSAGE_WAIT), then one message per change of the caller's view.
-    fn stream<K, M, F>(&self, view: F) -> Result<StreamOf<M>, Status>
+    /// The caller is attested again before each later message, so its identity follows
+    /// the process (a new program or a changed uid ends or changes what it receives).
+    fn stream<K, M, F>(
+        &self,
+        peer: PeerCredentials,
+        selectors: Vec<Selector>,
+        view: F,
+    ) -> Result<StreamOf<M>, Status>
     where
         K: PartialEq + Send + 'static,
         M: Send + 'static,
-        F: Fn(&Snapshot) -> Result<Option<(K, M)>, Status> + Send + 'static,
+        F: Fn(&Snapshot, &[Selector]) -> Result<Option<(K, M)>, Status> + Send + 'static,
     {
+        let attestor = Arc::clone(&self.attestor);
         let mut cache = self.cache.clone();
         let mut shutdown = self.shutdown.clone();
-        let current = move |cache: &mut SnapshotRx| {
+        let current = move |cache: &mut SnapshotRx, selectors: &[Selector]| {
             let snapshot = cache.borrow_and_update().clone();
             if snapshot.synced {
-                view(&snapshot)
+                view(&snapshot, selectors)
             } else {
                 Ok(None)
             }
@@ -232,7 +247,7 @@ impl WorkloadApi {
         // the moment tonic polls the stream.
         let (tx, rx) = mpsc::channel(2);
         let mut last: Option<K> = None;
-        if let Some((key, msg)) = current(&mut cache)? {
+        if let Some((key, msg)) = current(&mut cache, &selectors)? {
             let _ = tx.try_send(Ok(msg));
             last = Some(key);
         }
@@ -251,7 +266,14 @@ impl WorkloadApi {
                         return;
                     }
                 }
-                match current(&mut cache) {
+                let selectors = match attest(&attestor, peer).await {
+                    Ok(selectors) => selectors,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                match current(&mut cache, &selectors) {
                     Ok(Some((key, msg))) => {
                         if last.as_ref() != Some(&key) {
                             if tx.send(Ok(msg)).await.is_err() {
@@ -281,15 +303,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&req)?;
-        let selectors = self.attest(&req).await?;
+        let peer = Self::peer(&req)?;
+        let selectors = attest(&self.attestor, peer).await?;
         // Unknown callers learn so at once rather than through the stream.
         let snapshot = self.cache.borrow().clone();
         if snapshot.synced && snapshot.matching(&selectors).next().is_none() {
             return Err(no_identity());
         }
-        Ok(Response::new(
-            self.stream(move |s| x509_view(s, &selectors))?,
-        ))
+        Ok(Response::new(self.stream(peer, selectors, x509_view)?))
     }
 
     type FetchX509BundlesStream = StreamOf<X509BundlesResponse>;
@@ -299,15 +320,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&req)?;
-        let selectors = self.attest(&req).await?;
+        let peer = Self::peer(&req)?;
+        let selectors = attest(&self.attestor, peer).await?;
         let snapshot = self.cache.borrow().clone();
         if snapshot.synced && snapshot.matching(&selectors).next().is_none() {
             return Err(no_identity());
         }
         let td = self.trust_domain.clone();
-        Ok(Response::new(
-            self.stream(move |s| bundles_view(&td, s, &selectors))?,
-        ))
+        Ok(Response::new(self.stream(
+            peer,
+            selectors,
+            move |s, sel| bundles_view(&td, s, sel),
+        )?))
     }
 
     async fn fetch_jwtsvid(
