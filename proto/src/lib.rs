@@ -1,6 +1,7 @@
 //! Lanyard's shared vocabulary: the standard SPIFFE Workload API, the server's agent and
-//! admin APIs, and the identity types they carry. The only I/O here is `uds`, the Unix
-//! socket channel both binaries use.
+//! admin APIs, and the identity types they carry. Beside it, the little I/O both binaries
+//! share, so neither keeps a copy: `uds` (Unix-socket channel and bind), `files` (0600
+//! atomic writes) and, behind the `daemon` feature, logging and config-file reading.
 
 #[cfg(feature = "daemon")]
 pub mod daemon;
