@@ -43,13 +43,14 @@ for _ in $(seq 300); do "$server" healthcheck >/dev/null 2>&1 && break; sleep 0.
 "$server" healthcheck || { cat "$dir/server.log"; exit 1; }
 
 echo "==> Generating a join token for a runner known as spiffe://example.org/runner"
-token=$("$server" token generate --spiffe-id spiffe://example.org/runner | sed 's/^Token: //')
+token=$("$server" token generate --spiffe-id spiffe://example.org/runner | sed -n "s/^Token: //p")
 "$server" bundle show >"$dir/bootstrap.pem"
 
 echo "==> Starting lanyard-agent (Workload API at unix://$socket)"
-"$agent" run --trust-domain example.org --server-address "127.0.0.1:$port" \
+# The token travels in the environment, never on the command line (other users read argv).
+LANYARD_JOIN_TOKEN="$token" "$agent" run --trust-domain example.org --server-address "127.0.0.1:$port" \
   --trust-bundle-path "$dir/bootstrap.pem" --data-dir "$dir/agent-data" \
-  --socket-path "$socket" --join-token "$token" --log-level warn 2>"$dir/agent.log" &
+  --socket-path "$socket" --log-level warn 2>"$dir/agent.log" &
 pids+=($!)
 for _ in $(seq 300); do "$agent" healthcheck --socket-path "$socket" >/dev/null 2>&1 && break; sleep 0.05; done
 "$agent" healthcheck --socket-path "$socket" || { cat "$dir/agent.log"; exit 1; }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use lanyard_daemon::fs::{DirMode, FsError, PrivateDir};
 use lanyard_proto::WORKLOAD_SECURITY_HEADER;
 use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use lanyard_proto::workload::{X509svid, X509svidRequest, X509svidResponse};
@@ -81,11 +82,8 @@ pub enum ClientError {
     Status { code: tonic::Code, message: String },
     #[error("the agent closed the stream without an answer")]
     NoAnswer,
-    #[error("{path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot write the SVID files: {0}")]
+    Write(#[from] FsError),
     #[error("the agent sent an unusable certificate: {0}")]
     Certificate(String),
 }
@@ -106,12 +104,12 @@ fn socket_path(args: &SocketArgs) -> Result<PathBuf, ClientError> {
         .clone()
         .or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok())
         .unwrap_or_else(|| DEFAULT_SOCKET_PATH.to_string());
-    lanyard_proto::uds::socket_path_from_uri(&raw).map_err(ClientError::Address)
+    lanyard_proto::endpoint::socket_path_from_uri(&raw).map_err(ClientError::Address)
 }
 
 async fn connect(args: &SocketArgs) -> Result<(PathBuf, Channel), ClientError> {
     let path = socket_path(args)?;
-    let channel = lanyard_proto::uds::channel(&path)
+    let channel = lanyard_daemon::uds::channel(&path)
         .await
         .map_err(|e| ClientError::Connect {
             path: path.clone(),
@@ -154,32 +152,29 @@ fn describe(svid: &X509svid) -> Result<(String, String, i64), ClientError> {
 fn pem_concat(label: &str, der_concat: &[u8]) -> Result<String, ClientError> {
     let certs = lanyard_proto::svid::split_der_chain(der_concat)
         .map_err(|e| ClientError::Certificate(e.to_string()))?;
-    Ok(certs
-        .iter()
-        .map(|c| pem::encode(&pem::Pem::new(label, c.to_vec())))
-        .collect())
+    Ok(lanyard_daemon::output::pem_all(label, certs))
 }
 
+/// Writes each SVID, its key (0600) and bundle into `dir`, which must be the caller's
+/// own: created 0700 if missing, refused when owned by someone else, writable by group
+/// or others, or a symlink; every file is written through the directory's descriptor,
+/// never following a link planted at its name.
 fn write_files(dir: &Path, response: &X509svidResponse) -> Result<(), ClientError> {
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ClientError::Write { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    let dir = PrivateDir::open_or_create(dir, DirMode::Searchable)?;
     for (i, svid) in response.svids.iter().enumerate() {
-        let cert_path = dir.join(format!("svid.{i}.pem"));
-        std::fs::write(&cert_path, pem_concat("CERTIFICATE", &svid.x509_svid)?)
-            .map_err(write_err(&cert_path))?;
-        let key_path = dir.join(format!("svid.{i}.key"));
-        let key = Zeroizing::new(pem::encode(&pem::Pem::new(
+        dir.write_atomic(
+            &format!("svid.{i}.pem"),
+            pem_concat("CERTIFICATE", &svid.x509_svid)?.as_bytes(),
+        )?;
+        let key = Zeroizing::new(lanyard_daemon::output::pem(
             "PRIVATE KEY",
-            svid.x509_svid_key.clone(),
-        )));
-        lanyard_proto::files::write_private(&key_path, key.as_bytes())
-            .map_err(write_err(&key_path))?;
-        let bundle_path = dir.join(format!("bundle.{i}.pem"));
-        std::fs::write(&bundle_path, pem_concat("CERTIFICATE", &svid.bundle)?)
-            .map_err(write_err(&bundle_path))?;
+            &svid.x509_svid_key,
+        ));
+        dir.write_atomic(&format!("svid.{i}.key"), key.as_bytes())?;
+        dir.write_atomic(
+            &format!("bundle.{i}.pem"),
+            pem_concat("CERTIFICATE", &svid.bundle)?.as_bytes(),
+        )?;
     }
     Ok(())
 }

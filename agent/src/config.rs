@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use lanyard_daemon::logging::LogFormat;
 use lanyard_proto::TrustDomain;
-use lanyard_proto::daemon::LogFormat;
 use serde::Deserialize;
 
 /// Where the agent serves the Workload API unless told otherwise.
@@ -84,7 +84,7 @@ pub struct AgentConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     #[error(transparent)]
-    File(#[from] lanyard_proto::daemon::FileError),
+    File(#[from] lanyard_daemon::config::FileError),
     #[error("{0} is required (in the config file or as a flag)")]
     Missing(&'static str),
     #[error("trust_domain \"{value}\" is invalid: {source}")]
@@ -107,7 +107,7 @@ pub enum ConfigError {
 impl AgentConfig {
     pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => lanyard_proto::daemon::read_toml(path)?,
+            Some(path) => lanyard_daemon::config::read_toml(path)?,
             None => FileConfig::default(),
         };
         let td_raw = args
@@ -152,7 +152,7 @@ impl AgentConfig {
             .clone()
             .or(file.log_level)
             .unwrap_or_else(|| "info".into());
-        if !lanyard_proto::daemon::LOG_LEVELS.contains(&log_level.as_str()) {
+        if !lanyard_daemon::logging::is_level(&log_level) {
             return Err(ConfigError::LogLevel(log_level));
         }
         Ok(AgentConfig {

@@ -2,6 +2,9 @@
 //! `data_dir` (key 0600) so a restart needs no new join token.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lanyard_daemon::fs::{FsError, PrivateDir};
 
 use lanyard_proto::{SpiffeId, svid};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -59,57 +62,53 @@ pub enum IdentityError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
 
-/// Paths of the stored identity.
+const SVID_FILE: &str = "agent_svid.pem";
+const KEY_FILE: &str = "agent_svid.key";
+const BUNDLE_FILE: &str = "bundle.pem";
+
+/// The stored identity in the agent's (checked, private) data directory.
 #[derive(Debug, Clone)]
 pub struct IdentityFiles {
-    dir: PathBuf,
+    dir: Arc<PrivateDir>,
 }
 
 fn pem_all(label: &str, ders: &[Vec<u8>]) -> String {
-    ders.iter()
-        .map(|d| pem::encode(&pem::Pem::new(label, d.clone())))
-        .collect()
+    lanyard_daemon::output::pem_all(label, ders.iter().map(Vec::as_slice))
 }
 
 impl IdentityFiles {
-    pub fn new(dir: &Path) -> Self {
-        IdentityFiles {
-            dir: dir.to_path_buf(),
-        }
+    pub fn new(dir: Arc<PrivateDir>) -> Self {
+        IdentityFiles { dir }
     }
-    fn svid_path(&self) -> PathBuf {
-        self.dir.join("agent_svid.pem")
-    }
-    fn key_path(&self) -> PathBuf {
-        self.dir.join("agent_svid.key")
-    }
+
     pub fn bundle_path(&self) -> PathBuf {
-        self.dir.join("bundle.pem")
+        self.dir.join(BUNDLE_FILE)
     }
 
     /// Loads the stored SVID and bundle, if both exist. An expired SVID is returned
     /// too; the caller decides (it cannot be renewed, so a join token is needed).
     pub fn load(&self) -> Result<Option<(AgentSvid, Bundle)>, IdentityError> {
-        let (svid_path, key_path, bundle_path) =
-            (self.svid_path(), self.key_path(), self.bundle_path());
-        if !svid_path.exists() || !key_path.exists() {
+        let (Some(svid_pem), Some(key_pem)) =
+            (self.dir.read(SVID_FILE)?, self.dir.read_secret(KEY_FILE)?)
+        else {
             return Ok(None);
-        }
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|source| IdentityError::Io {
-                path: p.to_path_buf(),
-                source,
-            })
         };
+        let (svid_path, key_path, bundle_path) = (
+            self.dir.join(SVID_FILE),
+            self.dir.join(KEY_FILE),
+            self.bundle_path(),
+        );
         let corrupt = |p: &Path, reason: String| IdentityError::Corrupt {
             path: p.to_path_buf(),
             reason,
         };
-        let chain: Vec<Vec<u8>> = pem::parse_many(read(&svid_path)?)
+        let chain: Vec<Vec<u8>> = pem::parse_many(&svid_pem)
             .map_err(|e| corrupt(&svid_path, e.to_string()))?
             .into_iter()
             .map(pem::Pem::into_contents)
@@ -118,7 +117,6 @@ impl IdentityFiles {
             .first()
             .ok_or_else(|| corrupt(&svid_path, "no certificate".into()))?;
         let info = svid::check_leaf(leaf, None).map_err(|e| corrupt(&svid_path, e.to_string()))?;
-        let key_pem = Zeroizing::new(read(&key_path)?);
         let key = pem::parse(&*key_pem).map_err(|e| corrupt(&key_path, e.to_string()))?;
         let key = PrivateKey(Zeroizing::new(key.into_contents()));
         // A crash between writing the key and the certificate must not go unnoticed.
@@ -135,7 +133,11 @@ impl IdentityFiles {
                 "the key does not match agent_svid.pem".into(),
             ));
         }
-        let bundle: Vec<Vec<u8>> = pem::parse_many(read(&bundle_path)?)
+        let bundle_pem = self
+            .dir
+            .read(BUNDLE_FILE)?
+            .ok_or_else(|| corrupt(&bundle_path, "missing".into()))?;
+        let bundle: Vec<Vec<u8>> = pem::parse_many(&bundle_pem)
             .map_err(|e| corrupt(&bundle_path, e.to_string()))?
             .into_iter()
             .map(pem::Pem::into_contents)
@@ -157,29 +159,22 @@ impl IdentityFiles {
 
     /// Stores the SVID (key 0600) and bundle, each file replaced atomically.
     pub fn store(&self, svid: &AgentSvid, bundle: &[Vec<u8>]) -> Result<(), IdentityError> {
-        let write = |p: PathBuf, bytes: &[u8]| {
-            lanyard_proto::files::write_private(&p, bytes)
-                .map_err(|source| IdentityError::Io { path: p, source })
-        };
-        let key_pem = Zeroizing::new(pem::encode(&pem::Pem::new(
+        let key_pem = Zeroizing::new(lanyard_daemon::output::pem(
             "PRIVATE KEY",
-            svid.key.pkcs8_der().to_vec(),
-        )));
-        write(self.key_path(), key_pem.as_bytes())?;
-        write(
-            self.svid_path(),
-            pem_all("CERTIFICATE", &svid.chain).as_bytes(),
-        )?;
-        write(
-            self.bundle_path(),
-            pem_all("CERTIFICATE", bundle).as_bytes(),
-        )
+            svid.key.pkcs8_der(),
+        ));
+        self.dir.write_atomic(KEY_FILE, key_pem.as_bytes())?;
+        self.dir
+            .write_atomic(SVID_FILE, pem_all("CERTIFICATE", &svid.chain).as_bytes())?;
+        self.dir
+            .write_atomic(BUNDLE_FILE, pem_all("CERTIFICATE", bundle).as_bytes())?;
+        Ok(())
     }
 
     /// Forgets the stored SVID (after the server says this agent is no longer known).
     pub fn forget(&self) {
-        let _ = std::fs::remove_file(self.svid_path());
-        let _ = std::fs::remove_file(self.key_path());
+        let _ = self.dir.remove(SVID_FILE);
+        let _ = self.dir.remove(KEY_FILE);
     }
 }
 

@@ -6,9 +6,6 @@ use clap::Parser;
 use lanyard_agent::cli::{Cli, Command};
 use lanyard_agent::config::AgentConfig;
 
-/// Exit code for configuration errors (EX_CONFIG), as sysexits.h has it.
-const EX_CONFIG: u8 = 78;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -24,11 +21,14 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("lanyard-agent: {e}");
-                    return ExitCode::from(EX_CONFIG);
+                    return ExitCode::from(lanyard_daemon::EXIT_CONFIG);
                 }
             };
-            lanyard_proto::daemon::init_logging(&config.log_level, config.log_format);
-            match runtime.block_on(lanyard_agent::run::run(config, signal())) {
+            lanyard_daemon::logging::init(&config.log_level, config.log_format);
+            match runtime.block_on(lanyard_agent::run::run(
+                config,
+                lanyard_daemon::shutdown::signalled(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("lanyard-agent: {e}");
@@ -43,19 +43,5 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(t) => { t.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
     }
 }

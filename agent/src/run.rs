@@ -1,13 +1,14 @@
 //! `lanyard-agent run`: attest (or reload the stored identity), start the sync worker,
 //! serve the Workload API, stop on a signal.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lanyard_attestors::node::join_token;
 use lanyard_attestors::workload::{UnixAttestor, UnixAttestorConfig};
+use lanyard_daemon::fs::{DirMode, FsError, PrivateDir};
+use lanyard_daemon::lock::{InstanceLock, LockError};
 use lanyard_proto::agent::AttestAgentRequest;
 use lanyard_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
@@ -29,11 +30,10 @@ const ATTEST_PATIENCE: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    #[error("data_dir {path}: {source}")]
-    DataDir {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("data_dir: {0}")]
+    DataDir(#[from] FsError),
+    #[error(transparent)]
+    Locked(#[from] LockError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(
@@ -164,17 +164,26 @@ async fn identity(
 }
 
 /// Binds the Workload API socket; anyone may connect (identity comes from attestation).
-fn bind_socket(path: &Path) -> Result<UnixListener, RunError> {
+/// Its directory must be the agent's own and not writable by others; the socket's lock
+/// keeps a second agent from unlinking a live socket.
+fn bind_socket(path: &Path) -> Result<(UnixListener, PrivateDir, InstanceLock), RunError> {
     let err = |reason: String| RunError::Socket {
         path: path.to_path_buf(),
         reason,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| err(e.to_string()))?;
-    }
-    lanyard_proto::uds::bind(path, 0o777).map_err(|e| err(e.to_string()))
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(err("not a socket file path".into()));
+    };
+    let dir =
+        PrivateDir::open_or_create(dir, DirMode::Searchable).map_err(|e| err(e.to_string()))?;
+    let lock = InstanceLock::acquire(
+        &dir,
+        &lanyard_daemon::uds::lock_name(name),
+        format!("Workload API socket {}", path.display()),
+    )?;
+    let listener =
+        lanyard_daemon::uds::bind(&dir, name, 0o777, &lock).map_err(|e| err(e.to_string()))?;
+    Ok((listener, dir, lock))
 }
 
 /// Runs the agent until `stop` resolves.
@@ -182,15 +191,17 @@ pub async fn run(
     config: AgentConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .and_then(|()| {
-            std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
-        })
-        .map_err(|source| RunError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-    let files = IdentityFiles::new(&config.data_dir);
+    lanyard_daemon::fs::set_private_umask();
+    let data_dir = Arc::new(PrivateDir::open_or_create(
+        &config.data_dir,
+        DirMode::Private,
+    )?);
+    let _data_lock = InstanceLock::acquire(
+        &data_dir,
+        "lock",
+        format!("data_dir {}", config.data_dir.display()),
+    )?;
+    let files = IdentityFiles::new(Arc::clone(&data_dir));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (agent, bundle) = identity(&config, &files, &*clock).await?;
     let agent_id = agent.spiffe_id.clone();
@@ -211,7 +222,7 @@ pub async fn run(
         attestor,
         shutdown_rx.clone(),
     );
-    let listener = bind_socket(&config.socket_path)?;
+    let (listener, socket_dir, _socket_lock) = bind_socket(&config.socket_path)?;
     let (health_reporter, health_svc) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
@@ -245,7 +256,9 @@ pub async fn run(
     let served = server
         .await
         .map_err(|e| RunError::BadAnswer(e.to_string()))?;
-    let _ = std::fs::remove_file(&config.socket_path);
+    if let Some(name) = config.socket_path.file_name().and_then(|n| n.to_str()) {
+        let _ = socket_dir.remove(name);
+    }
     outcome?;
     served?;
     Ok(())

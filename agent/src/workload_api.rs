@@ -541,8 +541,15 @@ mod tests {
         let api = WorkloadApi::new(td, cache, attestor, shutdown);
         let open = api.open_streams();
         let dir = tempfile::tempdir().expect("tmp");
-        let socket = dir.path().join("api.sock");
-        let listener = lanyard_proto::uds::bind(&socket, 0o777).expect("bind");
+        let run = lanyard_daemon::fs::PrivateDir::open_or_create(
+            &dir.path().join("run"),
+            lanyard_daemon::fs::DirMode::Searchable,
+        )
+        .expect("socket dir");
+        let lock = lanyard_daemon::lock::InstanceLock::acquire(&run, "api.sock.lock", "socket")
+            .expect("lock");
+        let socket = run.join("api.sock");
+        let listener = lanyard_daemon::uds::bind(&run, "api.sock", 0o777, &lock).expect("bind");
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(SpiffeWorkloadApiServer::new(api))
@@ -554,7 +561,9 @@ mod tests {
                 .insert(WORKLOAD_SECURITY_HEADER, "true".parse().expect("value"));
             req
         };
-        let channel = lanyard_proto::uds::channel(&socket).await.expect("connect");
+        let channel = lanyard_daemon::uds::channel(&socket)
+            .await
+            .expect("connect");
         let mut client = SpiffeWorkloadApiClient::new(channel);
         let mut streams = Vec::new();
         for _ in 0..5 {

@@ -1,15 +1,11 @@
 //! Lanyard's shared vocabulary: the standard SPIFFE Workload API, the server's agent and
-//! admin APIs, and the identity types they carry. Beside it, the little I/O both binaries
-//! share, so neither keeps a copy: `uds` (Unix-socket channel and bind), `files` (0600
-//! atomic writes) and, behind the `daemon` feature, logging and config-file reading.
+//! admin APIs, and the identity types they carry. No I/O: the plumbing both binaries
+//! share lives in `lanyard-daemon`.
 
-#[cfg(feature = "daemon")]
-pub mod daemon;
-pub mod files;
+pub mod endpoint;
 pub mod selector;
 pub mod spiffe_id;
 pub mod svid;
-pub mod uds;
 
 pub use selector::{Selector, SelectorError};
 pub use spiffe_id::{IdError, SpiffeId, TrustDomain};

@@ -2,11 +2,10 @@
 //! start, its key persisted 0600 in `data_dir`, and X509-SVID signing that follows the
 //! profile of spec/spiffe.md §2 exactly.
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lanyard_daemon::fs::{FsError, PrivateDir};
 use lanyard_proto::{SpiffeId, TrustDomain};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -25,13 +24,8 @@ const BACKDATE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CaError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("CA key file {path} has mode {mode:o}; make it readable by its owner only (chmod 600)")]
-    KeyMode { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("CA key file {0} does not hold a P-256 PKCS#8 key")]
     BadKey(PathBuf),
     #[error("CA certificate {path} is unusable: {reason}")]
@@ -53,6 +47,10 @@ pub enum CaError {
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
 }
+
+/// The CA's files in `data_dir`.
+const KEY_FILE: &str = "ca.key";
+const CERT_FILE: &str = "ca.pem";
 
 /// A signed X509-SVID: the leaf followed by the chain up to (not including) the root.
 #[derive(Debug, Clone)]
@@ -124,13 +122,6 @@ impl std::fmt::Debug for Ca {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
     SystemTime::now()
@@ -143,67 +134,51 @@ fn offset(unix: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// Writes a private file (0600, atomic), naming the path on failure.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    lanyard_proto::files::write_private(path, bytes).map_err(io_err(path))
-}
-
 impl Ca {
     /// Loads the CA from `dir` (`ca.key`, `ca.pem`), or creates a new one valid for
     /// `ttl` if there is none or the stored one has expired. Returns the CA and whether
     /// it was created.
     pub fn load_or_create(
-        dir: &Path,
+        dir: &PrivateDir,
         trust_domain: &TrustDomain,
         ttl: Duration,
     ) -> Result<(Self, bool), CaError> {
-        let key_path = dir.join("ca.key");
-        let cert_path = dir.join("ca.pem");
-        if key_path.exists() && cert_path.exists() {
-            let ca = Self::load(&key_path, &cert_path, trust_domain)?;
+        if let (Some(key_pem), Some(cert_pem)) = (dir.read_secret(KEY_FILE)?, dir.read(CERT_FILE)?)
+        {
+            let ca = Self::load(dir, &key_pem, &cert_pem, trust_domain)?;
             if ca.not_after > now_unix() {
                 return Ok((ca, false));
             }
-            tracing::warn!(path = %cert_path.display(), "stored CA has expired; creating a new one");
+            tracing::warn!(path = %dir.join(CERT_FILE).display(), "stored CA has expired; creating a new one");
         }
         let ca = Self::create(trust_domain, ttl)?;
         let key = KeyPairPem::from(ca.issuer.key());
-        write_private(&key_path, key.0.as_bytes())?;
-        write_private(
-            &cert_path,
-            pem::encode(&pem::Pem::new("CERTIFICATE", ca.cert_der.clone())).as_bytes(),
+        dir.write_atomic(KEY_FILE, key.0.as_bytes())?;
+        dir.write_atomic(
+            CERT_FILE,
+            lanyard_daemon::output::pem("CERTIFICATE", &ca.cert_der).as_bytes(),
         )?;
         Ok((ca, true))
     }
 
     fn load(
-        key_path: &Path,
-        cert_path: &Path,
+        dir: &PrivateDir,
+        key_pem: &[u8],
+        cert_pem: &[u8],
         trust_domain: &TrustDomain,
     ) -> Result<Self, CaError> {
-        // Like ssh with its keys: a CA key others can read is refused, not used.
-        let mode = fs::metadata(key_path)
-            .map_err(io_err(key_path))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(CaError::KeyMode {
-                path: key_path.to_path_buf(),
-                mode: mode & 0o777,
-            });
-        }
-        let key_pem = Zeroizing::new(fs::read_to_string(key_path).map_err(io_err(key_path))?);
-        let key =
-            KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadKey(key_path.to_path_buf()))?;
+        let (key_path, cert_path) = (dir.join(KEY_FILE), dir.join(CERT_FILE));
+        // read_secret already refused a key others can read, as ssh does.
+        let key_pem = Zeroizing::new(String::from_utf8_lossy(key_pem).into_owned());
+        let key = KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadKey(key_path.clone()))?;
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::BadKey(key_path.to_path_buf()));
+            return Err(CaError::BadKey(key_path));
         }
         let bad = |reason: String| CaError::BadCert {
-            path: cert_path.to_path_buf(),
+            path: cert_path.clone(),
             reason,
         };
-        let cert_pem = fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
-        let cert_der = pem::parse(&cert_pem)
+        let cert_der = pem::parse(cert_pem)
             .map_err(|e| bad(e.to_string()))?
             .into_contents();
         let not_after = lanyard_proto::svid::check_ca(&cert_der).map_err(|e| bad(e.to_string()))?;
@@ -450,24 +425,31 @@ mod tests {
 
     #[test]
     fn ca_persists_0600_and_reloads() {
-        let dir = tempfile::tempdir().expect("tmp");
+        use std::fs;
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = PrivateDir::open_or_create(
+            &tmp.path().join("data"),
+            lanyard_daemon::fs::DirMode::Private,
+        )
+        .expect("dir");
         let (a, created) =
-            Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600)).expect("create");
+            Ca::load_or_create(&dir, &td(), Duration::from_secs(3600)).expect("create");
         assert!(created);
-        let mode = fs::metadata(dir.path().join("ca.key"))
+        let mode = fs::metadata(dir.join("ca.key"))
             .expect("meta")
             .permissions()
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
         let (b, created) =
-            Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600)).expect("load");
+            Ca::load_or_create(&dir, &td(), Duration::from_secs(3600)).expect("load");
         assert!(!created);
         assert_eq!(a.cert_der(), b.cert_der());
         // A CA key others can read is refused.
-        let key_path = dir.path().join("ca.key");
+        let key_path = dir.join("ca.key");
         fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let refused = Ca::load_or_create(dir.path(), &td(), Duration::from_secs(3600))
+        let refused = Ca::load_or_create(&dir, &td(), Duration::from_secs(3600))
             .expect_err("a 0644 key is refused");
         assert!(refused.to_string().contains("chmod 600"), "{refused}");
         // The reloaded CA signs leaves that chain to the same root.

@@ -192,7 +192,7 @@ impl From<tonic::Status> for ClientError {
 }
 
 async fn connect(args: &ClientArgs) -> Result<AdminServiceClient<Channel>, ClientError> {
-    let channel = lanyard_proto::uds::channel(&args.admin_socket)
+    let channel = lanyard_daemon::uds::channel(&args.admin_socket)
         .await
         .map_err(|e| ClientError::Connect {
             path: args.admin_socket.clone(),
@@ -465,7 +465,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Healthcheck(client) => {
-            let channel = lanyard_proto::uds::channel(&client.admin_socket)
+            let channel = lanyard_daemon::uds::channel(&client.admin_socket)
                 .await
                 .map_err(|e| ClientError::Connect {
                     path: client.admin_socket.clone(),

@@ -4,11 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use lanyard_daemon::config::Duration;
+use lanyard_daemon::logging::LogFormat;
 use lanyard_proto::TrustDomain;
-use lanyard_proto::daemon::LogFormat;
 use serde::Deserialize;
-
-use crate::duration::Ttl;
 
 /// Where the CLI and daemon look for the admin socket unless told otherwise.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/lanyard/server/admin.sock";
@@ -21,8 +20,8 @@ struct FileConfig {
     bind_address: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
     data_dir: Option<PathBuf>,
-    ca_ttl: Option<Ttl>,
-    default_x509_svid_ttl: Option<Ttl>,
+    ca_ttl: Option<Duration>,
+    default_x509_svid_ttl: Option<Duration>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -47,10 +46,10 @@ pub struct RunArgs {
     pub data_dir: Option<PathBuf>,
     /// CA lifetime: seconds or 30m, 24h, 365d ... [default: 365d].
     #[arg(long)]
-    pub ca_ttl: Option<Ttl>,
+    pub ca_ttl: Option<Duration>,
     /// Default X509-SVID lifetime [default: 1h].
     #[arg(long)]
-    pub default_x509_svid_ttl: Option<Ttl>,
+    pub default_x509_svid_ttl: Option<Duration>,
     /// trace, debug, info, warn or error [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
@@ -66,8 +65,8 @@ pub struct ServerConfig {
     pub bind_address: SocketAddr,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
-    pub ca_ttl: Ttl,
-    pub default_x509_svid_ttl: Ttl,
+    pub ca_ttl: Duration,
+    pub default_x509_svid_ttl: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -77,7 +76,7 @@ pub struct ServerConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     #[error(transparent)]
-    File(#[from] lanyard_proto::daemon::FileError),
+    File(#[from] lanyard_daemon::config::FileError),
     #[error("trust_domain is required (in the config file or as --trust-domain)")]
     MissingTrustDomain,
     #[error("trust_domain \"{value}\" is invalid: {source}")]
@@ -92,7 +91,7 @@ pub enum ConfigError {
         got: u64,
     },
     #[error("default_x509_svid_ttl ({svid}) must be shorter than ca_ttl ({ca})")]
-    SvidOutlivesCa { svid: Ttl, ca: Ttl },
+    SvidOutlivesCa { svid: Duration, ca: Duration },
     #[error("log_level \"{0}\" is not one of trace, debug, info, warn, error")]
     LogLevel(String),
 }
@@ -101,7 +100,7 @@ impl ServerConfig {
     /// Merges the file named by `--config` (if any) with the flags and validates the result.
     pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => lanyard_proto::daemon::read_toml(path)?,
+            Some(path) => lanyard_daemon::config::read_toml(path)?,
             None => FileConfig::default(),
         };
         let td_raw = args
@@ -117,11 +116,11 @@ impl ServerConfig {
         let ca_ttl = args
             .ca_ttl
             .or(file.ca_ttl)
-            .unwrap_or(Ttl::secs(365 * 86400));
+            .unwrap_or(Duration::from_secs(365 * 86400));
         let default_x509_svid_ttl = args
             .default_x509_svid_ttl
             .or(file.default_x509_svid_ttl)
-            .unwrap_or(Ttl::secs(3600));
+            .unwrap_or(Duration::from_secs(3600));
         for (key, ttl) in [
             ("ca_ttl", ca_ttl),
             ("default_x509_svid_ttl", default_x509_svid_ttl),
@@ -145,7 +144,7 @@ impl ServerConfig {
             .clone()
             .or(file.log_level)
             .unwrap_or_else(|| "info".into());
-        if !lanyard_proto::daemon::LOG_LEVELS.contains(&log_level.as_str()) {
+        if !lanyard_daemon::logging::is_level(&log_level) {
             return Err(ConfigError::LogLevel(log_level));
         }
         Ok(ServerConfig {
@@ -193,8 +192,8 @@ mod tests {
         )
         .expect("ok");
         assert_eq!(c.trust_domain.as_str(), "example.org");
-        assert_eq!(c.ca_ttl, Ttl::secs(172800));
-        assert_eq!(c.default_x509_svid_ttl, Ttl::secs(60));
+        assert_eq!(c.ca_ttl, Duration::from_secs(172800));
+        assert_eq!(c.default_x509_svid_ttl, Duration::from_secs(60));
         let flags = RunArgs {
             trust_domain: Some("other.org".into()),
             ..RunArgs::default()
@@ -215,7 +214,7 @@ mod tests {
         let e = load_text("trust_domain = \"Example.org\"").expect_err("uppercase");
         assert!(e.to_string().contains("Example.org"), "{e}");
         let e = load_text("trust_domain = ").expect_err("syntax");
-        assert!(e.to_string().contains("invalid"), "{e}");
+        assert!(e.to_string().contains("line 1, column 16"), "{e}");
         assert!(matches!(
             load_text(""),
             Err(ConfigError::MissingTrustDomain)

@@ -7,7 +7,6 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod datastore;
-pub mod duration;
 pub mod entries;
 pub mod run;
 pub mod state;

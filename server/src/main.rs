@@ -6,9 +6,6 @@ use clap::Parser;
 use lanyard_server::cli::{Cli, Command};
 use lanyard_server::config::ServerConfig;
 
-/// Exit code for configuration errors (EX_CONFIG), as sysexits.h has it.
-const EX_CONFIG: u8 = 78;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -24,10 +21,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("lanyard-server: {e}");
-                    return ExitCode::from(EX_CONFIG);
+                    return ExitCode::from(lanyard_daemon::EXIT_CONFIG);
                 }
             };
-            lanyard_proto::daemon::init_logging(&config.log_level, config.log_format);
+            lanyard_daemon::logging::init(&config.log_level, config.log_format);
             runtime.block_on(serve(config))
         }
         client => match runtime.block_on(lanyard_server::cli::run_client(client)) {
@@ -48,16 +45,8 @@ async fn serve(config: ServerConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signal = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
-        }
-    };
     tokio::select! {
-        () = signal => {
+        () = lanyard_daemon::shutdown::signalled() => {
             tracing::info!("shutting down");
             match running.shutdown().await {
                 Ok(()) => ExitCode::SUCCESS,

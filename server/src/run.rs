@@ -1,11 +1,12 @@
 //! `lanyard-server run`: start the CA, the datastore and both APIs; stop on a signal.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use lanyard_daemon::fs::{DirMode, FsError, PrivateDir};
+use lanyard_daemon::lock::{InstanceLock, LockError};
 use lanyard_proto::admin::admin_service_server::AdminServiceServer;
 use lanyard_proto::agent::agent_service_server::AgentServiceServer;
 use tokio::net::{TcpListener, UnixListener};
@@ -27,11 +28,10 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    #[error("data_dir {path}: {source}")]
-    DataDir {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("data_dir: {0}")]
+    DataDir(#[from] FsError),
+    #[error(transparent)]
+    Locked(#[from] LockError),
     #[error("admin socket {path}: {reason}")]
     AdminSocket {
         path: std::path::PathBuf,
@@ -52,13 +52,9 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
 }
 
-fn ensure_private_dir(path: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-}
-
-/// Binds the admin socket in a directory only the server's user can enter.
-fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
+/// Binds the admin socket in a directory only the server's user can enter, holding the
+/// socket's lock so a second server cannot unlink a live socket.
+fn bind_admin_socket(path: &Path) -> Result<(UnixListener, InstanceLock), RunError> {
     let err = |reason: String| RunError::AdminSocket {
         path: path.to_path_buf(),
         reason,
@@ -67,23 +63,19 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let mode = std::fs::metadata(dir)
-        .map_err(|e| err(e.to_string()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(err(format!(
-            "its directory {} has mode {:o}; it must be 0700 so only the server's user can reach the admin API",
-            dir.display(),
-            mode & 0o777
-        )));
-    }
-    lanyard_proto::uds::bind(path, 0o600).map_err(|e| err(e.to_string()))
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| err("the path has no file name".into()))?;
+    let dir = PrivateDir::open_or_create(dir, DirMode::Private).map_err(|e| err(e.to_string()))?;
+    let lock = InstanceLock::acquire(
+        &dir,
+        &lanyard_daemon::uds::lock_name(name),
+        format!("admin socket {}", path.display()),
+    )?;
+    let listener =
+        lanyard_daemon::uds::bind(&dir, name, 0o600, &lock).map_err(|e| err(e.to_string()))?;
+    Ok((listener, lock))
 }
 
 /// A running server, for tests and for `main`.
@@ -92,6 +84,8 @@ pub struct Running {
     pub state: State,
     pub agent_addr: std::net::SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// Held for as long as the server runs: one server per data_dir and admin socket.
+    _locks: [InstanceLock; 2],
     tasks: tokio::task::JoinSet<Result<(), RunError>>,
 }
 
@@ -121,13 +115,16 @@ impl Running {
 
 /// Starts everything; returns once both APIs are listening.
 pub async fn start(config: &ServerConfig) -> Result<Running, RunError> {
-    ensure_private_dir(&config.data_dir).map_err(|source| RunError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    let store = SqliteStore::open(&config.data_dir.join("datastore.sqlite3")).await?;
-    let (ca, created) =
-        Ca::load_or_create(&config.data_dir, &config.trust_domain, config.ca_ttl.0)?;
+    lanyard_daemon::fs::set_private_umask();
+    let data_dir = PrivateDir::open_or_create(&config.data_dir, DirMode::Private)?;
+    let data_lock = InstanceLock::acquire(
+        &data_dir,
+        "lock",
+        format!("data_dir {}", config.data_dir.display()),
+    )?;
+    data_dir.ensure_private_file("datastore.sqlite3")?;
+    let store = SqliteStore::open(&data_dir.join("datastore.sqlite3")).await?;
+    let (ca, created) = Ca::load_or_create(&data_dir, &config.trust_domain, config.ca_ttl.0)?;
     if created {
         tracing::info!(trust_domain = %config.trust_domain, not_after = ca.not_after(), "created a new CA");
     } else {
@@ -153,7 +150,7 @@ pub async fn start(config: &ServerConfig) -> Result<Running, RunError> {
         addr: config.bind_address,
         source,
     })?;
-    let admin_listener = bind_admin_socket(&config.admin_socket)?;
+    let (admin_listener, admin_lock) = bind_admin_socket(&config.admin_socket)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -235,6 +232,7 @@ pub async fn start(config: &ServerConfig) -> Result<Running, RunError> {
         state,
         agent_addr,
         shutdown,
+        _locks: [data_lock, admin_lock],
         tasks,
     })
 }

@@ -228,9 +228,10 @@ impl Server {
             args.extend(["--spiffe-id", alias]);
         }
         let out = ok(&mut self.cli(&args));
-        out.trim()
-            .strip_prefix("Token: ")
+        out.lines()
+            .find_map(|l| l.strip_prefix("Token: "))
             .unwrap_or_else(|| panic!("unexpected token output {out:?}"))
+            .trim()
             .to_string()
     }
 
@@ -328,7 +329,8 @@ impl Agent {
             .arg("--socket-path")
             .arg(&self.socket);
         if let Some(t) = token {
-            cmd.args(["--join-token", t]);
+            // From the environment, never the command line (other users read argv).
+            cmd.env("LANYARD_JOIN_TOKEN", t);
         }
         cmd
     }

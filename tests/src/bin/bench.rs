@@ -391,7 +391,7 @@ fn loadavg() -> String {
 
 /// New connection, FetchX509SVID with the security header, first message.
 async fn fetch_first(socket: &Path) -> Result<X509svidResponse> {
-    let channel = lanyard_proto::uds::channel(socket.to_path_buf()).await?;
+    let channel = lanyard_daemon::uds::channel(socket.to_path_buf()).await?;
     let mut client = SpiffeWorkloadApiClient::new(channel);
     let mut stream = client.fetch_x509svid(x509_request()).await?.into_inner();
     stream
@@ -496,7 +496,7 @@ fn start_floor_server(socket: &Path, canned: X509svidResponse) -> Result<tokio::
 
 async fn admin(td: &TrustDomain) -> Result<AdminServiceClient<Channel>> {
     Ok(AdminServiceClient::new(
-        lanyard_proto::uds::channel(td.server.admin_socket.clone()).await?,
+        lanyard_daemon::uds::channel(td.server.admin_socket.clone()).await?,
     ))
 }
 
@@ -1061,7 +1061,7 @@ async fn measure_issuance(td: &TrustDomain, signer_data: &Path, opts: &Opts) -> 
 async fn measure_push(td: &TrustDomain, opts: &Opts) -> Result<Vec<Row>> {
     say!("\n[3] entry create -> new SVID on an already-open FetchX509SVID stream");
     let uid = my_uid();
-    let channel = lanyard_proto::uds::channel(td.agent.socket.clone()).await?;
+    let channel = lanyard_daemon::uds::channel(td.agent.socket.clone()).await?;
     let mut client = SpiffeWorkloadApiClient::new(channel);
     let mut stream = client.fetch_x509svid(x509_request()).await?.into_inner();
     let first = stream
@@ -1270,7 +1270,7 @@ async fn agent_start_trial(
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         }
-        let Ok(channel) = lanyard_proto::uds::channel(socket.to_path_buf()).await else {
+        let Ok(channel) = lanyard_daemon::uds::channel(socket.to_path_buf()).await else {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         };
@@ -1330,7 +1330,8 @@ fn agent_command(
     .arg("--socket-path")
     .arg(socket);
     if let Some(t) = token {
-        cmd.args(["--join-token", t]);
+        // From the environment, never the command line (other users read argv).
+        cmd.env("LANYARD_JOIN_TOKEN", t);
     }
     // One extra debug line ("X509-SVID updated") marks when the agent holds the SVID.
     cmd.env(

@@ -161,7 +161,8 @@ fn fresh_agent_command(root: &Path, server: &Server, token: Option<&str>) -> Com
     .env_remove("LANYARD_JOIN_TOKEN")
     .env_remove("LANYARD_AGENT_CONFIG");
     if let Some(t) = token {
-        cmd.args(["--join-token", t]);
+        // From the environment, never the command line (other users read argv).
+        cmd.env("LANYARD_JOIN_TOKEN", t);
     }
     cmd
 }
@@ -860,7 +861,7 @@ fn config_errors_exit_78_and_name_the_cause() {
         (
             "server: syntax error",
             server_run(&syntax),
-            vec!["syntax.toml", "invalid"],
+            vec!["syntax.toml", "line 1"],
         ),
         (
             "server: bad trust domain",
@@ -880,7 +881,7 @@ fn config_errors_exit_78_and_name_the_cause() {
         (
             "agent: syntax error",
             agent_run(&agent_syntax),
-            vec!["agent-syntax.toml", "invalid"],
+            vec!["agent-syntax.toml", "line 1"],
         ),
         (
             "agent: no bootstrap",

@@ -51,7 +51,7 @@ const NO_IDENTITY: &str = "no identity issued";
 type WlClient = SpiffeWorkloadApiClient<Channel>;
 
 async fn wl_client(td: &TrustDomain) -> WlClient {
-    let channel = lanyard_proto::uds::channel(&td.agent.socket)
+    let channel = lanyard_daemon::uds::channel(&td.agent.socket)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", td.agent.socket.display()));
     SpiffeWorkloadApiClient::new(channel)
@@ -1102,7 +1102,7 @@ async fn unsupported_rpcs_are_unimplemented() {
     assert_code(wit_bundles, Code::Unimplemented, "FetchWITBundles");
 
     // A method the service does not have (spec §6.18).
-    let channel = lanyard_proto::uds::channel(&td.agent.socket)
+    let channel = lanyard_daemon::uds::channel(&td.agent.socket)
         .await
         .expect("channel");
     let mut grpc = tonic::client::Grpc::new(channel);
