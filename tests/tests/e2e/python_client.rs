@@ -1,6 +1,6 @@
 //! py-spiffe, the Python SPIFFE library, against the real server and agent: a workload
 //! written in Python must get its X509-SVID and bundle, be told "no identity issued"
-//! when it has none, and see rotations on a watch stream (spec §5.3, §5.4).
+//! when it has none, and see rotations on a watch stream, as the SPIFFE Workload API standard specifies.
 //!
 //! The interpreter is the venv that `scripts/test.sh` makes with pinned py-spiffe and
 //! `cryptography`, passed in `LANYARD_PYTHON`. Without it these tests fail, they never
@@ -261,7 +261,7 @@ impl Client {
             // A known interop failure, named so that nobody has to rediscover it.
             let hint = if out.stderr.contains("RST_STREAM") {
                 "\nhint: grpcio >= 1.58 sends the percent-encoded socket path as :authority on unix sockets \
-                 (grpc/grpc#38142) and h2 resets such a stream with PROTOCOL_ERROR; spec §5.5 says the \
+                 (grpc/grpc#38142) and h2 resets such a stream with PROTOCOL_ERROR; the SPIFFE Workload Endpoint standard says the \
                  agent must accept any :authority"
             } else {
                 ""
@@ -560,7 +560,7 @@ fn py_spiffe_stream_sees_rotation() {
         );
     }
     // The first new serial must be a rotation: the SVID it replaces had lived a fair part
-    // of its 10 s (renewal at about half-life, spec §5.4), not a re-issue seconds early.
+    // of its 10 s (renewal at about half-life), not a re-issue seconds early.
     let expiry =
         |u: &Value| u["t"].as_f64().unwrap_or(0.0) + u["expires_in"].as_f64().unwrap_or(0.0);
     let i = updates
