@@ -51,8 +51,18 @@ if ! .venv/bin/python -c "$VENV_OK" "${PY_PKGS[@]}" 2>/dev/null; then
 fi
 export LANYARD_PYTHON="$ROOT/.venv/bin/python"
 
-# 3. Build the binaries the end-to-end tests start, then run every test (dev profile).
 command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
+
+# 3. The dependency tree: no aws-lc or openssl, only allowed licenses, only crates.io
+#    (deny.toml). Advisories are not checked: they need a network CI lacks.
+begin deny "cargo deny check bans licenses sources"
+DENY_VERSION=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -qF "$DENY_VERSION"; then
+  cargo install cargo-deny --locked --version "$DENY_VERSION" -q
+fi
+cargo deny check bans licenses sources
+
+# 4. Build the binaries the end-to-end tests start, then run every test (dev profile).
 begin build "cargo build --workspace --bins --locked"
 cargo build --workspace --bins --locked
 begin test "cargo test --workspace --locked $*"

@@ -16,6 +16,8 @@
 //!    floor: the same CSR parse+verify and leaf signing with rcgen+ring in-process.
 //! 3. `entry create` to the new SVID on an already-open FetchX509SVID stream.
 //! 4. Agent start (fresh join token, and restart from the stored SVID) to the first SVID.
+//! 5. Registration at scale: CreateEntry latency at 20k entries next to 1k, entry create
+//!    to the new SVID on an open stream at 20k entries, and server memory per entry.
 //!
 //! It never asserts timing: it prints numbers, goals and whether they are met. On a
 //! shared machine wall-clock numbers move with other load, so measurements 1 and 2 also
@@ -33,6 +35,7 @@ use serde_json::json;
 use tonic_prost::prost::Message as _;
 
 use crate::agent_start::measure_agent_start;
+use crate::entry_scale::measure_entry_scale;
 use crate::fetch_latency::{fetch_first, measure_fetch_latency, start_floor_server};
 use crate::issuance::measure_issuance;
 use crate::machine::{loadavg, machine_facts};
@@ -59,6 +62,7 @@ macro_rules! say {
 
 mod admin;
 mod agent_start;
+mod entry_scale;
 mod fetch_latency;
 mod issuance;
 mod machine;
@@ -187,6 +191,9 @@ fn main() -> Result<()> {
     if run(4) {
         rows.extend(rt.block_on(measure_agent_start(&td, &opts))?);
     }
+    if run(5) {
+        rows.extend(rt.block_on(measure_entry_scale(&opts))?);
+    }
 
     summary(&rows);
     let total = started.elapsed();
@@ -203,7 +210,7 @@ fn main() -> Result<()> {
             "options": {
                 "iterations": opts.iterations, "svids": opts.svids, "batch": opts.batch, "concurrency": opts.concurrency,
                 "floor_threads": opts.floor_threads, "entries": opts.sign_entries, "push_trials": opts.push_trials,
-                "start_trials": opts.start_trials,
+                "start_trials": opts.start_trials, "scale_entries": opts.scale_entries,
             },
             "measurements": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
             "total_seconds": round3(total.as_secs_f64()),

@@ -12,7 +12,8 @@ pub(crate) struct Opts {
     pub(crate) sign_entries: usize,
     pub(crate) push_trials: usize,
     pub(crate) start_trials: usize,
-    /// Measurements to run (1-4); empty = all.
+    pub(crate) scale_entries: usize,
+    /// Measurements to run (1-5); empty = all.
     pub(crate) only: Vec<u32>,
     pub(crate) json: bool,
 }
@@ -20,7 +21,8 @@ pub(crate) struct Opts {
 pub(crate) const USAGE: &str =
     "lanyard-bench [--json] [--iterations N (500)] [--svids N (4000)] [--batch N (100)]
               [--concurrency N (4)] [--floor-threads N (2)] [--entries N (200)]
-              [--push-trials N (20)] [--start-trials N (10)] [--only 1,2,3,4]";
+              [--push-trials N (20)] [--start-trials N (10)] [--scale-entries N (20000)]
+              [--only 1,2,3,4,5]";
 
 impl Opts {
     pub(crate) fn parse() -> Result<Opts> {
@@ -33,6 +35,7 @@ impl Opts {
             sign_entries: 200,
             push_trials: 20,
             start_trials: 10,
+            scale_entries: 20_000,
             only: vec![],
             json: false,
         };
@@ -60,16 +63,17 @@ impl Opts {
                 "--entries" => o.sign_entries = num(&a)?,
                 "--push-trials" => o.push_trials = num(&a)?,
                 "--start-trials" => o.start_trials = num(&a)?,
+                "--scale-entries" => o.scale_entries = num(&a)?,
                 "--only" => {
                     let v = args
                         .next()
                         .ok_or_else(|| anyhow!("--only needs a list like 1,3\n{USAGE}"))?;
                     o.only = v
                         .split(',')
-                        .map(|x| x.trim().parse().ok().filter(|n| (1..=4).contains(n)))
+                        .map(|x| x.trim().parse().ok().filter(|n| (1..=5).contains(n)))
                         .collect::<Option<_>>()
                         .ok_or_else(|| {
-                            anyhow!("--only {v:?}: expected numbers 1-4 separated by commas")
+                            anyhow!("--only {v:?}: expected numbers 1-5 separated by commas")
                         })?;
                 }
                 "-h" | "--help" => {
