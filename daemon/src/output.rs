@@ -22,6 +22,8 @@ pub fn write_str(text: &str) {
     }
 }
 
+// The one sanctioned exit: the reader is gone, so nothing else can be said anyway.
+#[allow(clippy::disallowed_methods)]
 fn exit_on_write_error(e: &std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);

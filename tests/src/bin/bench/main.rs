@@ -117,6 +117,10 @@ fn summary(rows: &[Row]) {
 
 fn main() -> Result<()> {
     let opts = Opts::parse()?;
+    if opts.help {
+        println!("{}", crate::opts::USAGE);
+        return Ok(());
+    }
     JSON_MODE.store(opts.json, Ordering::Relaxed);
     let started = Instant::now();
     let facts = machine_facts();

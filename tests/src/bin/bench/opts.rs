@@ -16,6 +16,8 @@ pub(crate) struct Opts {
     /// Measurements to run (1-5); empty = all.
     pub(crate) only: Vec<u32>,
     pub(crate) json: bool,
+    /// `--help`: print the usage and do nothing else.
+    pub(crate) help: bool,
 }
 
 pub(crate) const USAGE: &str =
@@ -38,6 +40,7 @@ impl Opts {
             scale_entries: 20_000,
             only: vec![],
             json: false,
+            help: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -77,8 +80,8 @@ impl Opts {
                         })?;
                 }
                 "-h" | "--help" => {
-                    println!("{USAGE}");
-                    std::process::exit(0);
+                    o.help = true;
+                    return Ok(o);
                 }
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
