@@ -7,6 +7,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod identity;
+pub mod local_api;
+pub mod peer;
 pub mod rotation;
 pub mod run;
 pub mod sync;

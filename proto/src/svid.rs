@@ -10,7 +10,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::spiffe_id::{IdError, SpiffeId};
 
 /// Why a certificate does not follow the X509-SVID profile.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProfileError {
     #[error("certificate is not valid DER: {0}")]

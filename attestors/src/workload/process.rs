@@ -60,6 +60,20 @@ impl std::fmt::Display for PidfdSource {
     }
 }
 
+/// The `SO_PEERCRED` credentials of a connected Unix socket's peer.
+pub fn peer_credentials(socket: BorrowedFd<'_>) -> Result<PeerCredentials, AttestError> {
+    let cred =
+        getsockopt(&socket, sockopt::PeerCredentials).map_err(|errno| AttestError::Socket {
+            what: "SO_PEERCRED",
+            source: errno.into(),
+        })?;
+    Ok(PeerCredentials {
+        pid: cred.pid(),
+        uid: cred.uid(),
+        gid: cred.gid(),
+    })
+}
+
 /// Which pidfd source this kernel offers for socket peers: probed once on a socket pair.
 pub fn pidfd_support() -> PidfdSource {
     let pair = nix::sys::socket::socketpair(
@@ -109,24 +123,22 @@ impl Process {
     /// The peer of an accepted Unix socket: its `SO_PEERCRED` credentials and a pidfd
     /// (`SO_PEERPIDFD`, else `pidfd_open` on the pid), its start time and executable.
     pub fn of_socket(socket: BorrowedFd<'_>, proc_root: &Path) -> Result<Self, AttestError> {
-        let cred = getsockopt(&socket, sockopt::PeerCredentials).map_err(|errno| {
-            AttestError::Socket {
-                what: "SO_PEERCRED",
-                source: errno.into(),
-            }
-        })?;
-        let creds = PeerCredentials {
-            pid: cred.pid(),
-            uid: cred.uid(),
-            gid: cred.gid(),
-        };
+        Self::of_peer(peer_credentials(socket)?, socket, proc_root)
+    }
+
+    /// Like [`of_socket`](Self::of_socket), with the credentials already read.
+    pub fn of_peer(
+        creds: PeerCredentials,
+        socket: BorrowedFd<'_>,
+        proc_root: &Path,
+    ) -> Result<Self, AttestError> {
         if creds.pid <= 0 {
             return Err(AttestError::InvalidPid { pid: creds.pid });
         }
         match getsockopt(&socket, sockopt::PeerPidfd) {
             Ok(pidfd) => Self::pin(creds, pidfd, PidfdSource::Peer, proc_root),
             Err(Errno::ENOPROTOOPT | Errno::EINVAL) => Self::open_pid(creds, proc_root),
-            // The peer already exited (ESRCH) or the kernel refused for another reason.
+            // The peer already exited.
             Err(Errno::ESRCH) => Err(AttestError::Replaced { pid: creds.pid }),
             Err(errno) => Err(AttestError::Socket {
                 what: "SO_PEERPIDFD",

@@ -48,7 +48,6 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use lanyard_proto::Selector;
-use nix::errno::Errno;
 use nix::unistd::{Gid, Group, Uid, User};
 use tracing::debug;
 
@@ -710,6 +709,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
 
+    use nix::errno::Errno;
     use nix::unistd::{getegid, geteuid};
 
     use super::*;
