@@ -2,10 +2,12 @@
 //! that calls the SPIFFE Workload API, and serves it the SVIDs of its entries,
 //! rotating them before they expire.
 
+pub mod attest;
 pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod health;
 pub mod identity;
 pub mod local_api;
 pub mod peer;
