@@ -6,4 +6,6 @@ mod demo_script;
 mod python_client;
 mod server_and_cli;
 mod systemd_units;
+mod workload_api_limits;
+mod workload_attestation;
 mod workload_clients;
