@@ -9,8 +9,8 @@ use lanyard_attestors::workload::{AttestError, Digest, Process};
 use lanyard_daemon::health::Readiness;
 use lanyard_proto::agent_local::local_service_server::{LocalService, LocalServiceServer};
 use lanyard_proto::agent_local::{
-    AttestedSelector, DebugSelectorsRequest, DebugSelectorsResponse, HealthRequest,
-    HealthResponse, Identity,
+    AttestedSelector, DebugSelectorsRequest, DebugSelectorsResponse, HealthRequest, HealthResponse,
+    Identity,
 };
 use lanyard_proto::selector::matches_all;
 use tokio::sync::watch;
@@ -25,9 +25,7 @@ use crate::workload_api::caller::{Attester, is_binary};
 #[non_exhaustive]
 pub enum LocalError {
     /// The process asked about runs as another user than the caller.
-    #[error(
-        "process {pid} runs as uid {owner}; only its own user or root may see its selectors"
-    )]
+    #[error("process {pid} runs as uid {owner}; only its own user or root may see its selectors")]
     NotYours { pid: i32, owner: u32 },
     /// The caller itself could not be identified.
     #[error("the agent cannot identify the caller: {0}")]
@@ -82,7 +80,11 @@ impl LocalApi {
         LocalServiceServer::new(self)
     }
 
-    async fn debug(&self, peer: &Arc<Peer>, pid: i32) -> Result<DebugSelectorsResponse, LocalError> {
+    async fn debug(
+        &self,
+        peer: &Arc<Peer>,
+        pid: i32,
+    ) -> Result<DebugSelectorsResponse, LocalError> {
         let caller = peer
             .creds
             .ok_or_else(|| LocalError::UnknownCaller("no peer credentials".into()))?;
@@ -172,12 +174,17 @@ impl LocalService for LocalApi {
             .extensions()
             .get::<PeerInfo>()
             .map(|info| Arc::clone(&info.0))
-            .ok_or_else(|| LocalError::Internal("the connection carries no peer information".into()))?;
+            .ok_or_else(|| {
+                LocalError::Internal("the connection carries no peer information".into())
+            })?;
         let pid = req.get_ref().pid;
         Ok(Response::new(self.debug(&peer, pid).await?))
     }
 
-    async fn health(&self, _req: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
         let now = self.readiness.borrow().clone();
         Ok(Response::new(HealthResponse {
             ready: now.is_ready(),

@@ -615,7 +615,11 @@ pub fn incoming(
 }
 
 /// Counts and pins one accepted socket; `None` when it was closed over a cap.
-fn admit(io: UnixStream, registry: &Arc<Registry>, proc_root: &std::path::Path) -> Option<Connection> {
+fn admit(
+    io: UnixStream,
+    registry: &Arc<Registry>,
+    proc_root: &std::path::Path,
+) -> Option<Connection> {
     // The uid decides the caps; a socket without credentials counts as nobody's (u32::MAX).
     let uid = peer_credentials(io.as_fd()).map_or(u32::MAX, |c| c.uid);
     let permit = match registry.admit(uid) {

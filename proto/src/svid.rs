@@ -260,7 +260,11 @@ mod tests {
     }
 
     fn der(params: CertificateParams) -> Vec<u8> {
-        params.self_signed(&key()).expect("certificate").der().to_vec()
+        params
+            .self_signed(&key())
+            .expect("certificate")
+            .der()
+            .to_vec()
     }
 
     fn leaf(change: impl FnOnce(&mut CertificateParams)) -> Result<LeafInfo, ProfileError> {
@@ -296,19 +300,30 @@ mod tests {
 
     #[test]
     fn der_garbage_and_trailing_bytes() {
-        assert!(matches!(check_leaf(b"not a certificate", None), Err(ProfileError::Der(_))));
+        assert!(matches!(
+            check_leaf(b"not a certificate", None),
+            Err(ProfileError::Der(_))
+        ));
         let mut with_tail = der(leaf_params());
         with_tail.push(0);
         assert_eq!(
             check_leaf(&with_tail, None),
-            Err(ProfileError::Der("trailing bytes after the certificate".into()))
+            Err(ProfileError::Der(
+                "trailing bytes after the certificate".into()
+            ))
         );
-        assert!(matches!(split_der_chain(b"\x30\x03\x01"), Err(ProfileError::Der(_))));
+        assert!(matches!(
+            split_der_chain(b"\x30\x03\x01"),
+            Err(ProfileError::Der(_))
+        ));
     }
 
     #[test]
     fn exactly_one_uri_san() {
-        assert_eq!(leaf(|p| p.subject_alt_names.clear()), Err(ProfileError::UriSanCount(0)));
+        assert_eq!(
+            leaf(|p| p.subject_alt_names.clear()),
+            Err(ProfileError::UriSanCount(0))
+        );
         assert_eq!(
             leaf(|p| p.subject_alt_names.push(uri("spiffe://example.org/other"))),
             Err(ProfileError::UriSanCount(2))
@@ -369,7 +384,10 @@ mod tests {
 
     #[test]
     fn a_signing_certificate_is_a_ca() {
-        assert_eq!(ca(|p| p.is_ca = IsCa::ExplicitNoCa), Err(ProfileError::NotCa));
+        assert_eq!(
+            ca(|p| p.is_ca = IsCa::ExplicitNoCa),
+            Err(ProfileError::NotCa)
+        );
     }
 
     #[test]
@@ -416,7 +434,8 @@ mod tests {
     #[test]
     fn a_ca_signs_certificates() {
         assert_eq!(
-            ca(|p| p.key_usages = vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature]),
+            ca(|p| p.key_usages =
+                vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature]),
             Err(ProfileError::NoKeyCertSign)
         );
     }

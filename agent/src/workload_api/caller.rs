@@ -48,7 +48,11 @@ pub fn wants_sha256(snapshot: &Snapshot) -> Digest {
             .iter()
             .any(|s| is_binary(s) && s.value().starts_with("sha256:"))
     });
-    if any { Digest::Wanted } else { Digest::NotWanted }
+    if any {
+        Digest::Wanted
+    } else {
+        Digest::NotWanted
+    }
 }
 
 /// Whether some entry that needs binary selectors would match with them.

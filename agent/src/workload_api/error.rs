@@ -89,7 +89,11 @@ mod tests {
                 Code::InvalidArgument,
                 "security header missing from request",
             ),
-            (ApiError::NoIdentity, Code::PermissionDenied, "no identity issued"),
+            (
+                ApiError::NoIdentity,
+                Code::PermissionDenied,
+                "no identity issued",
+            ),
             (
                 ApiError::CallerGone,
                 Code::PermissionDenied,
@@ -100,8 +104,16 @@ mod tests {
                 Code::ResourceExhausted,
                 "uid 7 already holds 2 open Workload API streams, the most one user may; close some and retry",
             ),
-            (ApiError::NotReady, Code::Unavailable, "SVIDs are not ready yet; retry"),
-            (ApiError::ShuttingDown, Code::Unavailable, "the agent is shutting down"),
+            (
+                ApiError::NotReady,
+                Code::Unavailable,
+                "SVIDs are not ready yet; retry",
+            ),
+            (
+                ApiError::ShuttingDown,
+                Code::Unavailable,
+                "the agent is shutting down",
+            ),
             (
                 ApiError::Internal("x".into()),
                 Code::Internal,

@@ -146,13 +146,16 @@ impl WorkloadApi {
     /// caller is judged again before each later message, so its identity follows the
     /// process that connected (a new program, a changed uid, or its exit ends or changes
     /// what it receives); the stream also wakes when the earliest SVID it served expires.
-    fn stream<K, M, F>(&self, peer: Arc<Peer>, judged: Judged, view: F) -> Result<StreamOf<M>, ApiError>
+    fn stream<K, M, F>(
+        &self,
+        peer: Arc<Peer>,
+        judged: Judged,
+        view: F,
+    ) -> Result<StreamOf<M>, ApiError>
     where
         K: PartialEq + Send + 'static,
         M: Send + 'static,
-        F: Fn(&Snapshot, &[Selector], i64) -> Result<Option<View<K, M>>, ApiError>
-            + Send
-            + 'static,
+        F: Fn(&Snapshot, &[Selector], i64) -> Result<Option<View<K, M>>, ApiError> + Send + 'static,
     {
         let uid = peer.creds.map_or(u32::MAX, |c| c.uid);
         let permit = self
@@ -275,9 +278,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let peer = peer_of(&req)?;
         let judged = self.judge(&peer).await?;
         let td = self.trust_domain.clone();
-        Ok(Response::new(self.stream(peer, judged, move |s, sel, _| {
-            bundles_view(&td, s, sel)
-        })?))
+        Ok(Response::new(self.stream(
+            peer,
+            judged,
+            move |s, sel, _| bundles_view(&td, s, sel),
+        )?))
     }
 
     async fn fetch_jwtsvid(
@@ -403,7 +408,14 @@ mod tests {
     fn api(cache: SnapshotRx, limits: Limits, clock: Arc<dyn Clock>) -> (WorkloadApi, Trigger) {
         let (trigger, shutdown) = lanyard_daemon::shutdown::channel();
         let td = TrustDomain::new("example.org").expect("td");
-        let api = WorkloadApi::new(td, cache, attester(), Registry::new(limits), clock, shutdown);
+        let api = WorkloadApi::new(
+            td,
+            cache,
+            attester(),
+            Registry::new(limits),
+            clock,
+            shutdown,
+        );
         (api, trigger)
     }
 
@@ -417,7 +429,14 @@ mod tests {
     #[test]
     fn view_keeps_entry_order_and_unique_hints() {
         let snap = snapshot(vec![
-            entry("a", "spiffe://td/first", &["unix:uid:1"], "web", Some("01"), LATER),
+            entry(
+                "a",
+                "spiffe://td/first",
+                &["unix:uid:1"],
+                "web",
+                Some("01"),
+                LATER,
+            ),
             entry(
                 "b",
                 "spiffe://td/second",
@@ -426,8 +445,22 @@ mod tests {
                 Some("02"),
                 LATER,
             ),
-            entry("c", "spiffe://td/third", &["unix:uid:1"], "", Some("03"), LATER),
-            entry("d", "spiffe://td/other", &["unix:uid:7"], "", Some("04"), LATER),
+            entry(
+                "c",
+                "spiffe://td/third",
+                &["unix:uid:1"],
+                "",
+                Some("03"),
+                LATER,
+            ),
+            entry(
+                "d",
+                "spiffe://td/other",
+                &["unix:uid:7"],
+                "",
+                Some("04"),
+                LATER,
+            ),
         ]);
         let view = x509_view(&snap, &sel(&["unix:uid:1", "unix:gid:2"]), 0)
             .expect("ok")
@@ -451,7 +484,14 @@ mod tests {
 
     #[test]
     fn no_match_is_permission_denied_and_pending_is_not_ready() {
-        let snap = snapshot(vec![entry("a", "spiffe://td/x", &["unix:uid:1"], "", None, 0)]);
+        let snap = snapshot(vec![entry(
+            "a",
+            "spiffe://td/x",
+            &["unix:uid:1"],
+            "",
+            None,
+            0,
+        )]);
         let err = x509_view(&snap, &sel(&["unix:uid:2"]), 0).expect_err("no identity");
         let status = Status::from(err);
         assert_eq!(status.code(), Code::PermissionDenied);
@@ -467,13 +507,31 @@ mod tests {
     #[test]
     fn an_svid_is_never_in_a_view_at_or_after_its_not_after() {
         let snap = snapshot(vec![
-            entry("a", "spiffe://td/short", &["unix:uid:1"], "", Some("01"), 100),
-            entry("b", "spiffe://td/long", &["unix:uid:1"], "", Some("02"), 200),
+            entry(
+                "a",
+                "spiffe://td/short",
+                &["unix:uid:1"],
+                "",
+                Some("01"),
+                100,
+            ),
+            entry(
+                "b",
+                "spiffe://td/long",
+                &["unix:uid:1"],
+                "",
+                Some("02"),
+                200,
+            ),
         ]);
         let me = sel(&["unix:uid:1"]);
         let both = x509_view(&snap, &me, 99_999).expect("ok").expect("ready");
         assert_eq!(both.key.serials, ["01", "02"]);
-        assert_eq!(both.expires_ms, Some(100_000), "wakes at the earliest notAfter");
+        assert_eq!(
+            both.expires_ms,
+            Some(100_000),
+            "wakes at the earliest notAfter"
+        );
         let one = x509_view(&snap, &me, 100_000).expect("ok").expect("ready");
         assert_eq!(one.key.serials, ["02"], "dropped exactly at notAfter");
         assert_eq!(one.expires_ms, Some(200_000));
@@ -483,7 +541,14 @@ mod tests {
         ));
         // An expired SVID next to one still being signed: wait for the new one.
         let renewing = snapshot(vec![
-            entry("a", "spiffe://td/short", &["unix:uid:1"], "", Some("01"), 100),
+            entry(
+                "a",
+                "spiffe://td/short",
+                &["unix:uid:1"],
+                "",
+                Some("01"),
+                100,
+            ),
             entry("b", "spiffe://td/new", &["unix:uid:1"], "", None, 0),
         ]);
         assert!(x509_view(&renewing, &me, 100_000).expect("ok").is_none());
@@ -556,8 +621,22 @@ mod tests {
         let clock = Arc::new(TokioClock::starting_at(start_s * 1000));
         let me_sel = my_uid_selector();
         let (_tx, cache) = watch::channel(Arc::new(snapshot(vec![
-            entry("a", "spiffe://example.org/short", &[&me_sel], "", Some("01"), start_s + 10),
-            entry("b", "spiffe://example.org/long", &[&me_sel], "", Some("02"), start_s + 20),
+            entry(
+                "a",
+                "spiffe://example.org/short",
+                &[&me_sel],
+                "",
+                Some("01"),
+                start_s + 10,
+            ),
+            entry(
+                "b",
+                "spiffe://example.org/long",
+                &[&me_sel],
+                "",
+                Some("02"),
+                start_s + 20,
+            ),
         ])));
         let (api, _trigger) = api(cache, Limits::default(), clock.clone());
         let mut stream = open(&api, me()).await.expect("stream");
@@ -565,11 +644,22 @@ mod tests {
             m.svids.iter().map(|s| s.spiffe_id.clone()).collect()
         };
         let first = stream.next().await.expect("first").expect("ok");
-        assert_eq!(ids(&first), ["spiffe://example.org/short", "spiffe://example.org/long"]);
+        assert_eq!(
+            ids(&first),
+            ["spiffe://example.org/short", "spiffe://example.org/long"]
+        );
         let second = stream.next().await.expect("second").expect("ok");
         assert_eq!(ids(&second), ["spiffe://example.org/long"]);
-        assert_eq!(clock.now_ms(), (start_s + 10) * 1000, "woke exactly at notAfter");
-        let end = stream.next().await.expect("end").expect_err("no identity left");
+        assert_eq!(
+            clock.now_ms(),
+            (start_s + 10) * 1000,
+            "woke exactly at notAfter"
+        );
+        let end = stream
+            .next()
+            .await
+            .expect("end")
+            .expect_err("no identity left");
         assert_eq!(end.code(), Code::PermissionDenied);
         assert_eq!(end.message(), NO_IDENTITY_ISSUED);
         assert_eq!(clock.now_ms(), (start_s + 20) * 1000);
@@ -733,14 +823,24 @@ mod tests {
         let mut client = client(&served).await;
         let mut open = Vec::new();
         for _ in 0..2 {
-            open.push(client.fetch_x509svid(request()).await.expect("within the cap"));
+            open.push(
+                client
+                    .fetch_x509svid(request())
+                    .await
+                    .expect("within the cap"),
+            );
         }
-        let refused = client.fetch_x509svid(request()).await.expect_err("over the cap");
+        let refused = client
+            .fetch_x509svid(request())
+            .await
+            .expect_err("over the cap");
         assert_eq!(refused.code(), Code::ResourceExhausted);
         let uid = nix::unistd::geteuid().as_raw();
         assert_eq!(
             refused.message(),
-            format!("uid {uid} already holds 2 open Workload API streams, the most one user may; close some and retry")
+            format!(
+                "uid {uid} already holds 2 open Workload API streams, the most one user may; close some and retry"
+            )
         );
         open.pop();
         wait_for("the closed stream's task ends", || {

@@ -9,8 +9,6 @@ pub mod process;
 pub mod sharing;
 pub mod unix;
 
-pub use process::{
-    FileId, PeerCredentials, PidfdSource, Process, peer_credentials, pidfd_support,
-};
+pub use process::{FileId, PeerCredentials, PidfdSource, Process, peer_credentials, pidfd_support};
 pub use sharing::Holders;
 pub use unix::{AttestError, Attestation, Digest, UnixAttestor, UnixAttestorConfig};

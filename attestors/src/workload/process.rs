@@ -465,8 +465,7 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_status(b"Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nGroups:\t\n")
-                .map(|s| s.groups),
+            parse_status(b"Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nGroups:\t\n").map(|s| s.groups),
             Ok(Vec::<u32>::new())
         );
         assert_eq!(
@@ -508,7 +507,10 @@ mod tests {
             .dir()
             .and_then(|dir| process.confirm(&dir))
             .expect_err("gone");
-        assert!(matches!(err, AttestError::Replaced { pid: p } if p == pid), "{err:?}");
+        assert!(
+            matches!(err, AttestError::Replaced { pid: p } if p == pid),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             format!("process {pid}: the calling process exited or was replaced during attestation")

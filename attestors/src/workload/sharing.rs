@@ -385,7 +385,10 @@ mod tests {
     fn a_socket_held_only_by_this_process_is_only_peer() {
         let (a, b) = UnixStream::pair().expect("pair");
         let peer = peer_inode(a.as_fd()).expect("diag");
-        assert_eq!(holders(Path::new("/proc"), peer, me(), 65534), Holders::OnlyPeer);
+        assert_eq!(
+            holders(Path::new("/proc"), peer, me(), 65534),
+            Holders::OnlyPeer
+        );
         // Not held by the process we claim is the peer.
         let mut child = Command::new("sleep").arg("30").spawn().expect("spawn");
         let child_pid = child.id() as i32;

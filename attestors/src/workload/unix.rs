@@ -128,9 +128,7 @@ pub enum AttestError {
     #[error("process {pid}: the calling process exited or was replaced during attestation")]
     Replaced { pid: i32 },
     /// The process executed another program while it was being attested.
-    #[error(
-        "process {pid} changed while it was being attested (it executed another program)"
-    )]
+    #[error("process {pid} changed while it was being attested (it executed another program)")]
     ProcessChanged { pid: i32 },
     /// The process no longer runs with the effective uid/gid it connected with.
     #[error(
@@ -474,7 +472,8 @@ fn same_file_here(pid: i32, path: &str, exe: &Metadata) -> Option<String> {
         Ok(_) => {
             debug!(
                 pid,
-                path, "the path names another file in the agent's mount namespace; omitting unix:path"
+                path,
+                "the path names another file in the agent's mount namespace; omitting unix:path"
             );
             None
         }
@@ -934,7 +933,10 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         let err = attestor.attest(&process, Digest::NotWanted).unwrap_err();
-        assert!(matches!(err, AttestError::Replaced { pid: p } if p == pid), "{err:?}");
+        assert!(
+            matches!(err, AttestError::Replaced { pid: p } if p == pid),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -951,7 +953,10 @@ mod tests {
         attestor.attest(&process, Digest::Wanted).unwrap();
         fake.set_start_time(2000);
         let err = attestor.attest(&process, Digest::Wanted).unwrap_err();
-        assert!(matches!(err, AttestError::Replaced { pid: 4242 }), "{err:?}");
+        assert!(
+            matches!(err, AttestError::Replaced { pid: 4242 }),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             "process 4242: the calling process exited or was replaced during attestation"
@@ -970,7 +975,10 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         let err = attestor.attest(&process, Digest::Wanted).unwrap_err();
-        assert!(matches!(err, AttestError::Replaced { pid: 4242 }), "{err:?}");
+        assert!(
+            matches!(err, AttestError::Replaced { pid: 4242 }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -1146,7 +1154,10 @@ mod tests {
         assert!(budget.charge(1, 40, t0), "exactly the budget");
         assert!(budget.charge(2, 100, t0), "another user has its own");
         assert!(!budget.charge(1, 1, t0 + Duration::from_secs(59)));
-        assert!(budget.charge(1, 100, t0 + HASH_BUDGET_WINDOW), "a new window");
+        assert!(
+            budget.charge(1, 100, t0 + HASH_BUDGET_WINDOW),
+            "a new window"
+        );
         assert!(!budget.charge(3, 101, t0), "one file over the budget");
     }
 

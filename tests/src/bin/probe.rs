@@ -108,7 +108,8 @@ async fn fetch_stdin(args: &[String]) -> Result<Value, String> {
                 rest = tail;
             }
             ("--wait-parent-exe", [_, path, tail @ ..]) => {
-                let link = PathBuf::from(format!("/proc/{}/exe", std::os::unix::process::parent_id()));
+                let link =
+                    PathBuf::from(format!("/proc/{}/exe", std::os::unix::process::parent_id()));
                 let want = PathBuf::from(path);
                 wait_until(
                     || std::fs::read_link(&link).is_ok_and(|l| l == want),
@@ -187,7 +188,10 @@ fn connect(args: &[String]) -> Result<(), String> {
             other => return Err(format!("unexpected argument {other}")),
         }
     }
-    let handed: OwnedFd = conn.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+    let handed: OwnedFd = conn
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(&me)
         .args(child)
@@ -252,7 +256,10 @@ fn flood(socket: &Path, n: usize, secs: u64) -> Value {
     };
     std::thread::sleep(Duration::from_secs(1));
     let at_once = sweep(&mut conns);
-    println!("{}", json!({"phase": "held", "opened": conns.len(), "failed": failed, "closed_at_once": at_once}));
+    println!(
+        "{}",
+        json!({"phase": "held", "opened": conns.len(), "failed": failed, "closed_at_once": at_once})
+    );
     std::thread::sleep(Duration::from_secs(secs.saturating_sub(1)));
     let by_end = sweep(&mut conns);
     json!({"phase": "end", "opened": conns.len(), "failed": failed, "closed_at_once": at_once, "closed_by_end": by_end})
@@ -289,15 +296,13 @@ fn main() -> ExitCode {
         }),
         Some("stream-stdin") => runtime.block_on(stream_stdin()),
         Some("flood") => match (args.get(1), args.get(2), args.get(3)) {
-            (Some(socket), Some(n), Some(secs)) => {
-                match (n.parse(), secs.parse()) {
-                    (Ok(n), Ok(secs)) => {
-                        println!("{}", flood(Path::new(socket), n, secs));
-                        Ok(())
-                    }
-                    _ => return usage(),
+            (Some(socket), Some(n), Some(secs)) => match (n.parse(), secs.parse()) {
+                (Ok(n), Ok(secs)) => {
+                    println!("{}", flood(Path::new(socket), n, secs));
+                    Ok(())
                 }
-            }
+                _ => return usage(),
+            },
             _ => return usage(),
         },
         Some("sleep") => match args.get(1).and_then(|s| s.parse().ok()) {
@@ -312,7 +317,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            println!("{}", json!({"ok": false, "code": "ProbeError", "message": e}));
+            println!(
+                "{}",
+                json!({"ok": false, "code": "ProbeError", "message": e})
+            );
             ExitCode::FAILURE
         }
     }

@@ -32,15 +32,24 @@ fn clock_ticks_per_second() -> u64 {
 
 #[test]
 fn thousands_of_idle_connections_from_one_uid_do_not_starve_others() {
-    assert_eq!(my_uid(), 0, "this test runs the attacker as uid 65534: run it as root");
+    assert_eq!(
+        my_uid(),
+        0,
+        "this test runs the attacker as uid 65534: run it as root"
+    );
     let td = TrustDomain::start();
     let id = "spiffe://example.org/root-workload";
     td.register_uid(id, 0, &[]);
     let socket = td.agent.socket.display().to_string();
     let fetch = || {
         let started = Instant::now();
-        let out = ok(Command::new(bin("lanyard-agent"))
-            .args(["api", "fetch", "x509", "--socket-path", &socket]));
+        let out = ok(Command::new(bin("lanyard-agent")).args([
+            "api",
+            "fetch",
+            "x509",
+            "--socket-path",
+            &socket,
+        ]));
         (out, started.elapsed())
     };
     // Registered and served before the attack.
@@ -65,13 +74,19 @@ fn thousands_of_idle_connections_from_one_uid_do_not_starve_others() {
     let mut flood = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
         .arg(bin("lanyard-probe"))
-        .args(["flood", &socket, &FLOOD.to_string(), &hold.as_secs().to_string()])
+        .args([
+            "flood",
+            &socket,
+            &FLOOD.to_string(),
+            &hold.as_secs().to_string(),
+        ])
         .current_dir("/")
         .stdout(Stdio::piped())
         .spawn()
         .expect("flood");
     let mut lines = BufReader::new(flood.stdout.take().expect("stdout")).lines();
-    let held: Value = serde_json::from_str(&lines.next().expect("line").expect("read")).expect("JSON");
+    let held: Value =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("JSON");
     assert_eq!(held["opened"], FLOOD, "{held}");
     assert_eq!(
         held["closed_at_once"],
@@ -86,9 +101,13 @@ fn thousands_of_idle_connections_from_one_uid_do_not_starve_others() {
         assert!(took < Duration::from_secs(5), "took {took:?}");
     }
 
-    let end: Value = serde_json::from_str(&lines.next().expect("line").expect("read")).expect("JSON");
+    let end: Value =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("JSON");
     let _ = flood.wait();
-    assert_eq!(end["closed_by_end"], FLOOD, "idle connections are closed: {end}");
+    assert_eq!(
+        end["closed_by_end"], FLOOD,
+        "idle connections are closed: {end}"
+    );
 
     let wall = attack_started.elapsed().as_secs_f64();
     let cpu = (cpu_ticks(agent) - cpu_before) as f64 / clock_ticks_per_second() as f64;
@@ -98,10 +117,16 @@ fn thousands_of_idle_connections_from_one_uid_do_not_starve_others() {
     );
     let logged = td.agent.log().len() - log_before;
     eprintln!("agent CPU {cpu:.2}s over {wall:.1}s of attack; its log grew {logged} bytes");
-    assert!(logged < 16 * 1024, "the agent logged {logged} bytes during the attack:\n{}", td.agent.log());
+    assert!(
+        logged < 16 * 1024,
+        "the agent logged {logged} bytes during the attack:\n{}",
+        td.agent.log()
+    );
     // The refusals were logged, once.
     assert!(
-        td.agent.log().contains("closed a Workload API connection: this uid holds as many as one user may"),
+        td.agent
+            .log()
+            .contains("closed a Workload API connection: this uid holds as many as one user may"),
         "{}",
         td.agent.log()
     );

@@ -29,7 +29,11 @@ const NOBODY: u32 = 65534;
 const GONE: &str = "the calling process exited or was replaced during attestation";
 
 fn require_root() {
-    assert_eq!(my_uid(), 0, "these tests run attackers as uid 65534: run them as root");
+    assert_eq!(
+        my_uid(),
+        0,
+        "these tests run attackers as uid 65534: run them as root"
+    );
 }
 
 /// `setpriv` as uid/gid 65534 without supplementary groups, then `program args`.
@@ -75,7 +79,10 @@ impl Programs {
             trusted: copy("trusted", b""),
             untrusted: copy("untrusted", b"\0"),
         };
-        assert_ne!(sha256_hex(&programs.trusted), sha256_hex(&programs.untrusted));
+        assert_ne!(
+            sha256_hex(&programs.trusted),
+            sha256_hex(&programs.untrusted)
+        );
         programs
     }
 }
@@ -105,7 +112,11 @@ fn wait_for_id(cmd: &mut Command, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = json_of(cmd);
-        if got["ok"] == true && got["ids"].as_array().is_some_and(|ids| ids.iter().any(|i| i == id)) {
+        if got["ok"] == true
+            && got["ids"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|i| i == id))
+        {
             return got;
         }
         assert!(Instant::now() < deadline, "{cmd:?} never got {id}: {got}");
@@ -126,7 +137,10 @@ fn wait_for_log(td: &TrustDomain, needle: &str) -> String {
         if log.contains(needle) {
             return log;
         }
-        assert!(Instant::now() < deadline, "agent log lacks {needle:?}:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "agent log lacks {needle:?}:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -140,7 +154,8 @@ fn register_trusted(td: &TrustDomain, programs: &Programs, id: &str) {
     let uid = format!("unix:uid:{NOBODY}");
     let sha = format!("unix:sha256:{}", sha256_hex(&programs.trusted));
     let path = format!("unix:path:{}", programs.trusted.display());
-    td.server.create_entry(id, &td.runner, &[&uid, &sha, &path], &[]);
+    td.server
+        .create_entry(id, &td.runner, &[&uid, &sha, &path], &[]);
 }
 
 #[test]
@@ -167,7 +182,10 @@ fn a_connection_shared_with_another_process_loses_binary_selectors() {
     assert_no_identity(&shared, "a request on a shared connection");
     let log = wait_for_log(&td, "refused a Workload API caller");
     assert!(log.contains("holds the connection too"), "{log}");
-    assert!(log.contains(&format!("uid={NOBODY}")) || log.contains(&format!("uid: {NOBODY}")), "{log}");
+    assert!(
+        log.contains(&format!("uid={NOBODY}")) || log.contains(&format!("uid: {NOBODY}")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -197,7 +215,10 @@ fn fork_then_exec_into_the_trusted_binary_is_refused() {
     let _ = child.kill();
     let _ = child.wait();
     let got: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
-    assert_no_identity(&got, "the forked child after its parent exec'd the trusted binary");
+    assert_no_identity(
+        &got,
+        "the forked child after its parent exec'd the trusted binary",
+    );
     let log = wait_for_log(&td, "executed another program after it connected");
     assert!(log.contains("refused a Workload API caller"), "{log}");
 }
@@ -217,7 +238,9 @@ fn unix_path_faked_from_a_user_and_mount_namespace_is_refused() {
     let in_namespace = |script: &str| {
         let mut cmd = Command::new("setpriv");
         cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-            .args(["unshare", "-Urm", "sh", "-c", script, "sh", &trusted, &untrusted, &sock])
+            .args([
+                "unshare", "-Urm", "sh", "-c", script, "sh", &trusted, &untrusted, &sock,
+            ])
             .current_dir("/");
         cmd
     };
@@ -235,8 +258,8 @@ fn unix_path_faked_from_a_user_and_mount_namespace_is_refused() {
 fn only_child(pid: u32) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         if let Some(child) = children.split_whitespace().next() {
             return child.parse().expect("pid");
         }
@@ -280,7 +303,14 @@ fn pid_reuse_within_a_uid_is_refused() {
     require_root();
     let td = TrustDomain::start_wrapped(
         &[],
-        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"],
+        &[
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            "--",
+        ],
     );
     let programs = Programs::new(&td);
     let id = "spiffe://example.org/trusted";
@@ -294,14 +324,22 @@ fn pid_reuse_within_a_uid_is_refused() {
     std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let inside = |args: &[&str]| {
         let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &agent.to_string(), "-p", "-m", "--"]).args(args);
+        cmd.args(["-t", &agent.to_string(), "-p", "-m", "--"])
+            .args(args);
         cmd
     };
     // Control, from inside the namespace: the trusted binary on its own connection.
     wait_for_id(
         &mut inside(&[
-            "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", &trusted,
-            "fetch", &sock,
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            &trusted,
+            "fetch",
+            &sock,
         ]),
         id,
     );
@@ -378,9 +416,22 @@ fn debug_selectors_shows_a_process_to_its_own_user_and_refusals_are_logged() {
     let pid = sleeper.id().to_string();
     let debug = |cmd: &mut Command| {
         let out = run(cmd
-            .args(["api", "debug-selectors", "--pid", &pid, "--output", "json", "--socket-path", &sock])
+            .args([
+                "api",
+                "debug-selectors",
+                "--pid",
+                &pid,
+                "--output",
+                "json",
+                "--socket-path",
+                &sock,
+            ])
             .current_dir("/"));
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     // Its own user sees its selectors, with the binary ones marked, and the IDs they earn.
     let (ok, stdout, stderr) = debug(&mut as_nobody(&bin("lanyard-agent")));
@@ -388,11 +439,28 @@ fn debug_selectors_shows_a_process_to_its_own_user_and_refusals_are_logged() {
     let v: Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(v["uid"], NOBODY);
     let selectors = v["selectors"].as_array().expect("selectors");
-    let find = |prefix: &str| selectors.iter().find(|s| s["selector"].as_str().is_some_and(|x| x.starts_with(prefix))).cloned();
-    assert_eq!(find("unix:uid:").expect("uid")["selector"], format!("unix:uid:{NOBODY}"));
+    let find = |prefix: &str| {
+        selectors
+            .iter()
+            .find(|s| {
+                s["selector"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with(prefix))
+            })
+            .cloned()
+    };
+    assert_eq!(
+        find("unix:uid:").expect("uid")["selector"],
+        format!("unix:uid:{NOBODY}")
+    );
     assert_eq!(find("unix:uid:").expect("uid")["conditional"], false);
     let path = find("unix:path:").expect("path");
-    assert!(path["selector"].as_str().is_some_and(|p| p.ends_with("/sleep")), "{path}");
+    assert!(
+        path["selector"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/sleep")),
+        "{path}"
+    );
     assert_eq!(path["conditional"], true);
     assert_eq!(v["identities"][0]["spiffe_id"], id);
     // Root may look too; another user may not.
@@ -405,7 +473,9 @@ fn debug_selectors_shows_a_process_to_its_own_user_and_refusals_are_logged() {
     let (ok, _, stderr) = debug(&mut other);
     assert!(!ok);
     assert!(
-        stderr.contains(&format!("process {pid} runs as uid {NOBODY}; only its own user or root may see its selectors")),
+        stderr.contains(&format!(
+            "process {pid} runs as uid {NOBODY}; only its own user or root may see its selectors"
+        )),
         "{stderr}"
     );
     let _ = sleeper.kill();
