@@ -81,7 +81,7 @@ pub enum AttestError {
         "the stored agent SVID expired at {0}; give the agent a new join token (--join-token-file or LANYARD_JOIN_TOKEN)"
     )]
     Expired(String),
-    #[error("stored agent identity: {0}")]
+    #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("{0}")]
     NotTrusted(NotTrusted),

@@ -187,7 +187,10 @@ fn output_dir(dir: &Path) -> Result<PrivateDir, FsError> {
         })?;
     }
     match nix::unistd::mkdir(dir, nix::sys::stat::Mode::from_bits_truncate(0o700)) {
-        Ok(()) => PrivateDir::open(dir, DirMode::Private),
+        // Refused after all (a parent others can change): leave nothing behind.
+        Ok(()) => PrivateDir::open(dir, DirMode::Private).inspect_err(|_| {
+            let _ = std::fs::remove_dir(dir);
+        }),
         Err(nix::errno::Errno::EEXIST) => PrivateDir::open(dir, DirMode::Searchable),
         Err(e) => Err(FsError::Io {
             path: dir.to_path_buf(),

@@ -7,9 +7,9 @@
 //! - until it has attested and completed its first entry sync with the server;
 //! - when the server has been unreachable for longer than the grace
 //!   (`health.unreachable_grace`);
-//! - when it holds workload SVIDs with less than a quarter of their lifetime left that
-//!   were not renewed (renewal is due at half-life, so this means renewal has been
-//!   failing for a while), or SVIDs that lapsed;
+//! - when it holds workload SVIDs that were not renewed and have less than a quarter of
+//!   their lifetime left (renewal is due at half-life; the time counts from receipt, as
+//!   renewal does, since the server backdates notBefore), or SVIDs that lapsed;
 //! - when its own SVID is that close to expiry.
 //!
 //! Reasons change only at moments computed from the facts, so the monitor wakes exactly
@@ -138,11 +138,11 @@ impl Health {
     }
 }
 
-/// The Unix ms at which an SVID valid from `not_before` to `not_after` (Unix seconds)
-/// has only a quarter of its lifetime left.
-fn last_quarter_ms(not_before: i64, not_after: i64) -> i64 {
-    let lifetime_ms = (not_after - not_before).max(0) * 1000;
-    not_after * 1000 - lifetime_ms / 4
+/// The Unix ms from which an SVID due for renewal at `renew_at_ms` (half its life after
+/// receipt) and valid until `not_after` (Unix seconds) has not been renewed for so long
+/// that only a quarter of its life is left: halfway from the renewal to the expiry.
+fn overdue_ms(renew_at_ms: i64, not_after: i64) -> i64 {
+    renew_at_ms + (not_after * 1000 - renew_at_ms).max(0) / 2
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -189,7 +189,7 @@ pub fn assess(
         }
     }
 
-    let agent_quarter = last_quarter_ms(status.agent_not_before, status.agent_not_after);
+    let agent_quarter = overdue_ms(status.agent_renew_at_ms, status.agent_not_after);
     if now_ms >= status.agent_not_after * 1000 {
         reasons.push(format!(
             "the agent's own SVID expired at {}",
@@ -209,7 +209,7 @@ pub fn assess(
     let mut first: Option<(i64, &lanyard_proto::SpiffeId)> = None;
     for e in &snapshot.entries {
         let Some(svid) = &e.svid else { continue };
-        let quarter = last_quarter_ms(svid.not_before, svid.not_after);
+        let quarter = overdue_ms(svid.renew_at_ms, svid.not_after);
         if now_ms >= quarter {
             stale += 1;
             if first.is_none_or(|(at, _)| svid.not_after < at) {
@@ -248,6 +248,8 @@ mod tests {
     const NOW: i64 = 1_800_000_000_000;
     const GRACE: Duration = Duration::from_secs(60);
 
+    /// An entry whose SVID was received at `not_before` (Unix s) and is valid until
+    /// `not_after`, due for renewal at half-life.
     fn entry(id: &str, not_before: i64, not_after: i64) -> CachedEntry {
         let (key, _) = crate::identity::key_and_csr(None).expect("key");
         CachedEntry {
@@ -264,7 +266,7 @@ mod tests {
                 not_before,
                 not_after,
                 revision: 1,
-                renew_at_ms: 0,
+                renew_at_ms: (not_before + not_after) * 500,
             })),
         }
     }
@@ -274,6 +276,7 @@ mod tests {
             unreachable: None,
             agent_not_before: NOW / 1000 - 100,
             agent_not_after: NOW / 1000 + 3500,
+            agent_renew_at_ms: NOW + 1_700_000,
             lapsed: 0,
         }
     }
@@ -329,7 +332,7 @@ mod tests {
 
     #[test]
     fn workload_svids_in_their_last_quarter_make_the_agent_unready() {
-        // Valid 100 s from NOW: the last quarter starts 75 s in.
+        // Valid 100 s from NOW, due for renewal at 50 s: overdue from 75 s in.
         let nb = NOW / 1000;
         let snap = synced(vec![entry("a", nb, nb + 100), entry("b", nb, nb + 200)]);
         let (r, next) = assess(&healthy_status(), &snap, NOW + 74_999, "srv:1", GRACE);
@@ -361,6 +364,7 @@ mod tests {
         let mut status = healthy_status();
         status.agent_not_before = NOW / 1000;
         status.agent_not_after = NOW / 1000 + 400;
+        status.agent_renew_at_ms = NOW + 200_000;
         let snap = synced(vec![]);
         let (r, next) = assess(&status, &snap, NOW, "srv:1", GRACE);
         assert!(r.is_ready());

@@ -59,6 +59,8 @@ pub struct AgentSvid {
 pub enum IdentityError {
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error("data_dir cannot store the agent's identity, so the join token was not used: {0}")]
+    NotWritable(FsError),
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -173,9 +175,7 @@ impl IdentityFiles {
         const PROBE: &str = ".identity-probe";
         let written = self.dir.write_atomic(PROBE, &[0u8; 16 * 1024]);
         let removed = self.dir.remove(PROBE);
-        written?;
-        removed?;
-        Ok(())
+        written.and(removed).map_err(IdentityError::NotWritable)
     }
 
     /// Whether an identity is stored (both the certificate and the key).

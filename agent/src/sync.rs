@@ -128,9 +128,11 @@ pub struct Unreachable {
 pub struct SyncStatus {
     /// Set while calls to the server fail; cleared by the next one that succeeds.
     pub unreachable: Option<Unreachable>,
-    /// The agent's own SVID validity, Unix seconds.
+    /// The agent's own SVID validity, Unix seconds, and when it was due for renewal
+    /// (Unix ms; a failed renewal does not move this).
     pub agent_not_before: i64,
     pub agent_not_after: i64,
+    pub agent_renew_at_ms: i64,
     /// Entries whose SVID expired before it could be renewed, and still have none.
     pub lapsed: usize,
 }
@@ -188,13 +190,14 @@ impl<S: AgentServer> SyncWorker<S> {
         clock: Arc<dyn Clock>,
     ) -> (Self, SnapshotRx, watch::Receiver<SyncStatus>) {
         let (snapshots, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut rng = fastrand::Rng::new();
+        let agent_renew_at_ms = renew_at_ms(clock.now_ms(), agent.not_after, rng.f64());
         let (status, status_rx) = watch::channel(SyncStatus {
             agent_not_before: agent.not_before,
             agent_not_after: agent.not_after,
+            agent_renew_at_ms,
             ..SyncStatus::default()
         });
-        let mut rng = fastrand::Rng::new();
-        let agent_renew_at_ms = renew_at_ms(clock.now_ms(), agent.not_after, rng.f64());
         let worker = SyncWorker {
             server,
             files,
@@ -220,6 +223,8 @@ impl<S: AgentServer> SyncWorker<S> {
         self.rng = rng;
         self.agent_renew_at_ms =
             renew_at_ms(self.clock.now_ms(), self.agent.not_after, self.rng.f64());
+        let at = self.agent_renew_at_ms;
+        self.status.send_modify(|s| s.agent_renew_at_ms = at);
         self
     }
 
@@ -501,9 +506,11 @@ impl<S: AgentServer> SyncWorker<S> {
                                     renew_at_ms(now, agent.not_after, self.rng.f64());
                                 self.agent = agent;
                                 self.agent_failures = 0;
+                                let renew_at = self.agent_renew_at_ms;
                                 self.status.send_modify(|s| {
                                     s.agent_not_before = info.not_before;
                                     s.agent_not_after = info.not_after;
+                                    s.agent_renew_at_ms = renew_at;
                                 });
                                 tracing::info!(serial = %info.serial_hex, not_after = %lanyard_daemon::output::rfc3339(info.not_after), "renewed the agent SVID");
                                 return Ok(true);

@@ -3,6 +3,8 @@
 //! them. The binaries must be built first (`cargo build --workspace --bins`; the README's
 //! test command does this); a missing binary fails loudly.
 
+pub mod commands;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
