@@ -205,23 +205,23 @@ pub fn assess(
         later(agent_quarter);
     }
 
+    // Counts and times only: any local user may ask for readiness, and the SPIFFE IDs
+    // of other users' workloads are not theirs to learn.
     let mut stale = 0;
-    let mut first: Option<(i64, &lanyard_proto::SpiffeId)> = None;
+    let mut first: Option<i64> = None;
     for e in &snapshot.entries {
         let Some(svid) = &e.svid else { continue };
         let quarter = overdue_ms(svid.renew_at_ms, svid.not_after);
         if now_ms >= quarter {
             stale += 1;
-            if first.is_none_or(|(at, _)| svid.not_after < at) {
-                first = Some((svid.not_after, &e.spiffe_id));
-            }
+            first = Some(first.map_or(svid.not_after, |at| at.min(svid.not_after)));
         } else {
             later(quarter);
         }
     }
-    if let Some((at, id)) = first {
+    if let Some(at) = first {
         reasons.push(format!(
-            "{} within the last quarter of {} lifetime without a renewal (first: {id}, expiring at {})",
+            "{} within the last quarter of {} lifetime without a renewal (the first expires at {})",
             plural(stale, "workload SVID is", "workload SVIDs are"),
             if stale == 1 { "its" } else { "their" },
             rfc3339(at)
@@ -344,10 +344,17 @@ mod tests {
             r[0].starts_with("1 workload SVID is within the last quarter"),
             "{r:?}"
         );
-        assert!(r[0].contains("spiffe://example.org/a"), "{r:?}");
+        assert!(
+            r[0].contains("the first expires at 2027-01-15T08:01:40Z"),
+            "{r:?}"
+        );
+        assert!(
+            !r[0].contains("spiffe://"),
+            "no workload IDs to any caller: {r:?}"
+        );
         let r = reasons(&healthy_status(), &snap, NOW + 150_000);
         assert!(r[0].starts_with("2 workload SVIDs are"), "{r:?}");
-        assert!(r[0].contains("first: spiffe://example.org/a"), "{r:?}");
+        assert!(r[0].contains("2027-01-15T08:01:40Z"), "{r:?}");
 
         let mut status = healthy_status();
         status.lapsed = 3;

@@ -625,12 +625,19 @@ impl<S: AgentServer> SyncWorker<S> {
             }
         };
         let mut by_entry: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        let mut refused = 0;
+        let mut first_refusal = None;
         for r in results {
             if r.error.is_empty() {
                 by_entry.insert(r.entry_id, r.x509_svid_chain);
             } else {
-                tracing::warn!(entry = %r.entry_id, error = %r.error, "the server refused to sign");
+                refused += 1;
+                first_refusal.get_or_insert((r.entry_id, r.error));
             }
+        }
+        // One line per batch, however many entries the server refused.
+        if let Some((entry, error)) = first_refusal {
+            tracing::warn!(refused, first_entry = %entry, first_error = %error, "the server refused to sign some entries");
         }
         let now = self.clock.now_ms();
         for (entry_id, id, key, _) in keyed {
