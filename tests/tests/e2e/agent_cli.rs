@@ -136,6 +136,12 @@ fn write_creates_a_private_directory_with_private_lf_pem_files() {
         .collect();
     assert_eq!(names.len(), 3, "{names:?}");
 
+    // The agent's own files are PEM with LF too.
+    for name in ["agent_svid.pem", "agent_svid.key", "bundle.pem"] {
+        let text = std::fs::read_to_string(td.agent.data_dir.join(name)).expect(name);
+        assert!(!text.contains('\r'), "{name} has CRLF line endings");
+    }
+
     // An existing directory of the caller's own, searchable by others, is fine too.
     let own = td.dir.path().join("own");
     std::fs::create_dir(&own).expect("mkdir");

@@ -22,6 +22,32 @@ fn tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// What the standard gRPC health service on the agent's socket says about `service`
+/// ("" for the agent as a whole).
+fn grpc_health(socket: &Path, service: &str) -> tonic_health::ServingStatus {
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let status = rt.block_on(async {
+        let channel = lanyard_daemon::uds::channel(socket).await.expect("connect");
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status
+    });
+    match Wire::try_from(status).expect("a known status") {
+        Wire::Serving => tonic_health::ServingStatus::Serving,
+        Wire::NotServing => tonic_health::ServingStatus::NotServing,
+        Wire::Unknown | Wire::ServiceUnknown => tonic_health::ServingStatus::Unknown,
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -155,6 +181,13 @@ fn without_its_server_the_agent_never_serves_an_expired_svid_and_says_why() {
     );
     let (live, _) = http_get(&health, "/live");
     assert_eq!(live, 200, "the process is alive, just not ready");
+    for service in ["", "SpiffeWorkloadAPI"] {
+        assert_eq!(
+            grpc_health(&socket, service),
+            tonic_health::ServingStatus::NotServing,
+            "gRPC health of {service:?}"
+        );
+    }
     assert!(agent.exited().is_none(), "the agent must keep trying");
 
     // The server returns: the agent catches up by itself and says so at info.
@@ -168,6 +201,13 @@ fn without_its_server_the_agent_never_serves_an_expired_svid_and_says_why() {
         || agent_healthy(&socket),
     );
     assert_eq!(http_get(&health, "/ready").0, 200);
+    for service in ["", "SpiffeWorkloadAPI"] {
+        assert_eq!(
+            grpc_health(&socket, service),
+            tonic_health::ServingStatus::Serving,
+            "gRPC health of {service:?}"
+        );
+    }
     let log = agent.log();
     let info = |needle: &str| {
         log.lines()
