@@ -78,9 +78,10 @@ pub enum AttestError {
     #[error(transparent)]
     NoToken(#[from] NoJoinToken),
     #[error(
-        "the stored agent SVID expired at {0}; give the agent a new join token (--join-token-file or LANYARD_JOIN_TOKEN)"
+        "the stored agent SVID expired at {}; give the agent a new join token (--join-token-file or LANYARD_JOIN_TOKEN)",
+        lanyard_daemon::output::rfc3339(*.not_after)
     )]
-    Expired(String),
+    Expired { not_after: i64 },
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("{0}")]
@@ -108,7 +109,7 @@ impl AttestError {
     pub fn is_config(&self) -> bool {
         match self {
             AttestError::NoToken(_)
-            | AttestError::Expired(_)
+            | AttestError::Expired { .. }
             | AttestError::NotTrusted(_)
             | AttestError::Refused(_)
             | AttestError::Bundle(_) => true,
@@ -133,9 +134,9 @@ pub async fn identity(
             return Ok((svid, bundle));
         }
         Some((svid, _)) if config.join_token.token().is_err() => {
-            return Err(AttestError::Expired(lanyard_daemon::output::rfc3339(
-                svid.not_after,
-            )));
+            return Err(AttestError::Expired {
+                not_after: svid.not_after,
+            });
         }
         _ => {}
     }

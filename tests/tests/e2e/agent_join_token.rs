@@ -355,3 +355,48 @@ fn a_read_only_or_full_data_dir_does_not_burn_the_token() {
     assert_eq!(agents(&server).len(), 1);
     agent.terminate();
 }
+
+#[test]
+fn an_expired_stored_identity_asks_for_a_new_join_token() {
+    let dir = tempdir();
+    // Agent SVIDs of 10 s, so the stored one expires while the agent is stopped.
+    let server = Server::start(
+        dir.path(),
+        "example.org",
+        &["--default-x509-svid-ttl", "10s"],
+    );
+    let root = dir.path().join("agent");
+    let socket = root.join("agent-run/api.sock");
+    let first = server.token(None);
+    let mut agent = Spawned::start(
+        agent_command(&root, &server).env("LANYARD_JOIN_TOKEN", &first),
+        &root.join("agent.log"),
+    );
+    eventually("the agent to attest", Duration::from_secs(20), || {
+        agent_healthy(&socket)
+    });
+    assert!(agent.terminate().is_some_and(|s| s.success()));
+    std::thread::sleep(Duration::from_secs(11));
+
+    let expired = run_quick(&mut agent_command(&root, &server));
+    let line = assert_refused_one_line(
+        &expired,
+        &["stored agent SVID expired at", "new join token"],
+    );
+    assert!(
+        line.contains('T') && line.contains("Z;"),
+        "an RFC 3339 time: {line}"
+    );
+    assert_eq!(expired.code(), 78, "{}", expired.describe());
+
+    let second = server.token(None);
+    let mut again = Spawned::start(
+        agent_command(&root, &server).env("LANYARD_JOIN_TOKEN", &second),
+        &root.join("agent.log"),
+    );
+    eventually("the agent to attest anew", Duration::from_secs(20), || {
+        agent_healthy(&socket)
+    });
+    assert_eq!(agents(&server).len(), 2, "a new agent, with the new token");
+    again.terminate();
+}
