@@ -556,21 +556,15 @@ impl<S: AgentServer> SyncWorker<S> {
             self.sign_batch(chunk, &mut signed).await?;
         }
         self.publish();
-        let lapsed = self.lapsed.len();
-        if signed.failed > 0 {
-            tracing::warn!(
-                new = signed.new,
-                renewed = signed.renewed,
-                updated = signed.updated,
-                failed = signed.failed,
-                lapsed,
-                "signed workload X509-SVIDs; the failed ones are retried with backoff"
-            );
-        } else {
+        // One line per round that signed anything; a round where every request failed
+        // was already logged with its cause.
+        if signed.new + signed.renewed + signed.updated > 0 {
             tracing::info!(
                 new = signed.new,
                 renewed = signed.renewed,
                 updated = signed.updated,
+                failed = signed.failed,
+                lapsed = self.lapsed.len(),
                 "signed workload X509-SVIDs"
             );
         }

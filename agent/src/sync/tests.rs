@@ -507,11 +507,13 @@ async fn a_new_revision_is_re_signed_and_the_old_svid_served_meanwhile() {
     s.fake.state().sign = Mode::Unavailable;
     s.fake.state().entries[0].2 = 2;
     s.fake.push();
-    until(&mut s, "the new revision", |snap| {
+    let fake = s.fake.clone();
+    until(&mut s, "the new revision and a signing attempt", |snap| {
         snap.borrow()
             .entries
             .first()
             .is_some_and(|e| e.revision == 2)
+            && fake.sign_times("e1").len() == 2
     })
     .await;
     assert_eq!(
