@@ -732,6 +732,27 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
 mod tests {
     use super::*;
 
+    /// A connection held by its peer alone passes the check, is remembered, and is
+    /// tainted for good once its peer runs another program than it connected with.
+    #[tokio::test]
+    async fn binary_selectors_follow_the_connection_check_and_taint_for_good() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let ours = UnixStream::from_std(ours).expect("tokio");
+        let peer = Peer::of(&ours, 1, std::path::Path::new("/proc"));
+        let process = peer.process().expect("pinned");
+        let exe = process.first_exe();
+        assert!(exe.is_some());
+        assert_eq!(peer.check_binary(exe), Ok(()));
+        assert_eq!(peer.check_binary(exe), Ok(()), "remembered");
+        let other = Some(FileId { dev: 0, ino: 1 });
+        let tainted =
+            Err("the connecting process executed another program after it connected".to_owned());
+        assert_eq!(peer.check_binary(other), tainted);
+        assert_eq!(peer.check_binary(exe), tainted, "for good");
+        drop(theirs);
+    }
+
     #[test]
     fn the_total_stays_below_the_descriptor_limit() {
         let limits = Limits::default().within_fd_limit(1024);

@@ -18,6 +18,7 @@
 //!    treat as shared (fail closed). Unreadable tables of other users' processes are
 //!    skipped: code the peer controls does not run there, and an agent with the shipped
 //!    privileges (`CAP_SYS_PTRACE`) can read every table an unprivileged user can make.
+//!    For a root peer every unreadable table is skipped: root controls every process.
 //!
 //! Limits (see docs/workload-attestation.md): a descriptor in flight inside an
 //! `SCM_RIGHTS` message sits in a socket buffer, in no process's table, so a scan cannot
@@ -251,6 +252,9 @@ impl Scan<'_> {
         match self.tables(&dir) {
             Ok(held) => Ok(held),
             Err(Unreadable::TooMany(reason)) => Err(reason),
+            // Root can take any process's descriptors (and the agent's keys) anyway: for
+            // a root peer an unreadable table proves nothing either way, and is skipped.
+            Err(Unreadable::Denied(_)) if self.peer_uid == 0 => Ok(false),
             Err(Unreadable::Denied(reason)) => match runs_as(&dir, self.peer_uid) {
                 Ok(false) => Ok(false),
                 Ok(true) => Err(reason),
@@ -422,6 +426,51 @@ mod tests {
             matches!(seen, Holders::Shared { pid } if pid != me()),
             "{seen:?} (child {child_pid})"
         );
+    }
+
+    /// A fake /proc: process 100 (the peer) holds socket 777; process 200 runs as uid
+    /// 1000 with a table the agent cannot read.
+    fn fake_proc() -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("tmp");
+        let table = |pid: u32| root.path().join(format!("{pid}/task/{pid}/fd"));
+        std::fs::create_dir_all(table(100)).expect("dir");
+        std::os::unix::fs::symlink("socket:[777]", table(100).join("3")).expect("link");
+        std::os::unix::fs::symlink("/dev/null", table(100).join("0")).expect("link");
+        std::fs::create_dir_all(root.path().join("200/task/200")).expect("dir");
+        std::fs::write(table(200), b"not a directory").expect("unreadable table");
+        std::fs::write(
+            root.path().join("200/status"),
+            "Name:\tx\nUid:\t1000\t1000\t1000\t1000\n",
+        )
+        .expect("status");
+        root
+    }
+
+    #[test]
+    fn an_unreadable_table_of_the_peers_user_proves_nothing() {
+        let root = fake_proc();
+        let seen = holders(root.path(), 777, 100, 1000);
+        assert!(
+            matches!(&seen, Holders::Unknown { reason } if reason.contains("200/task/200/fd")),
+            "{seen:?}"
+        );
+        // Another user's unreadable process cannot run the peer's code: skipped. For a
+        // root peer, too (root controls every process anyway).
+        assert_eq!(holders(root.path(), 777, 100, 2000), Holders::OnlyPeer);
+        assert_eq!(holders(root.path(), 777, 100, 0), Holders::OnlyPeer);
+        // A second holder anywhere makes it shared.
+        let third = root.path().join("300/task/300/fd");
+        std::fs::create_dir_all(&third).expect("dir");
+        std::os::unix::fs::symlink("socket:[777]", third.join("9")).expect("link");
+        assert_eq!(
+            holders(root.path(), 777, 100, 2000),
+            Holders::Shared { pid: 300 }
+        );
+        assert_eq!(
+            holders(root.path(), 777, 300, 2000),
+            Holders::Shared { pid: 100 }
+        );
+        assert_eq!(holders(root.path(), 778, 100, 2000), Holders::NotHeldByPeer);
     }
 
     #[test]
