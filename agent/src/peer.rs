@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -352,18 +351,21 @@ pub struct PeerInfo(pub Arc<Peer>);
 
 impl Peer {
     /// A peer for `socket`, pinned now.
-    fn of(socket: &UnixStream, id: u64, proc_root: &std::path::Path) -> Peer {
-        let fd = socket.as_fd();
-        let creds = peer_credentials(fd);
-        let process = match &creds {
-            Ok(creds) => Process::of_peer(*creds, fd, proc_root),
-            Err(e) => Err(AttestError::Socket {
-                what: "SO_PEERCRED",
-                source: io::Error::other(e.to_string()),
-            }),
+    fn of(
+        socket: &UnixStream,
+        creds: Result<PeerCredentials, AttestError>,
+        id: u64,
+        proc_root: &std::path::Path,
+    ) -> Peer {
+        let (creds, process) = match creds {
+            Ok(creds) => (
+                Some(creds),
+                Process::of_peer(creds, socket.as_fd(), proc_root),
+            ),
+            Err(e) => (None, Err(e)),
         };
         let process = process.map(Arc::new).map_err(Arc::new);
-        Self::from_parts(creds.ok(), process, inode_of(socket), id)
+        Self::from_parts(creds, process, inode_of(socket), id)
     }
 
     fn from_parts(
@@ -476,8 +478,9 @@ fn watch_exit(process: &Arc<Process>) -> io::Result<AsyncFd<PidfdOf>> {
 }
 
 fn inode_of(socket: &UnixStream) -> Option<u64> {
-    let owned = socket.as_fd().try_clone_to_owned().ok()?;
-    std::fs::File::from(owned).metadata().ok().map(|m| m.ino())
+    nix::sys::stat::fstat(socket.as_fd())
+        .ok()
+        .map(|st| st.st_ino)
 }
 
 /// An accepted connection as tonic serves it.
@@ -621,7 +624,8 @@ fn admit(
     proc_root: &std::path::Path,
 ) -> Option<Connection> {
     // The uid decides the caps; a socket without credentials counts as nobody's (u32::MAX).
-    let uid = peer_credentials(io.as_fd()).map_or(u32::MAX, |c| c.uid);
+    let creds = peer_credentials(io.as_fd());
+    let uid = creds.as_ref().map_or(u32::MAX, |c| c.uid);
     let permit = match registry.admit(uid) {
         Ok(permit) => permit,
         Err(refusal) => {
@@ -630,7 +634,7 @@ fn admit(
         }
     };
     let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
-    let peer = Peer::of(&io, id, proc_root);
+    let peer = Peer::of(&io, creds, id, proc_root);
     if let Err(error) = &peer.process {
         tracing::debug!(conn = id, uid, %error, "Workload API peer could not be pinned");
     }
@@ -739,7 +743,8 @@ mod tests {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
         ours.set_nonblocking(true).expect("nonblocking");
         let ours = UnixStream::from_std(ours).expect("tokio");
-        let peer = Peer::of(&ours, 1, std::path::Path::new("/proc"));
+        let creds = peer_credentials(ours.as_fd());
+        let peer = Peer::of(&ours, creds, 1, std::path::Path::new("/proc"));
         let process = peer.process().expect("pinned");
         let exe = process.first_exe();
         assert!(exe.is_some());
