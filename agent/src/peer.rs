@@ -577,7 +577,7 @@ pub fn incoming(
 ) -> ReceiverStream<Result<Connection, std::convert::Infallible>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let mut backoff = ACCEPT_BACKOFF.0;
+        let mut backoff = AcceptBackoff::default();
         let errors = RateLimit::new(REFUSAL_LOG_INTERVAL, 16);
         loop {
             let accepted = tokio::select! {
@@ -587,21 +587,18 @@ pub fn incoming(
             };
             let (io, _) = match accepted {
                 Ok(pair) => {
-                    backoff = ACCEPT_BACKOFF.0;
+                    backoff = AcceptBackoff::default();
                     pair
                 }
                 Err(e) => {
+                    let pause = backoff.after(&e);
                     let kind = e.raw_os_error().unwrap_or(0);
                     if let Some(suppressed) = errors.check(&kind) {
-                        tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "accepting a Workload API connection failed");
+                        tracing::warn!(error = %e, suppressed, retry_in = ?pause, "accepting a Workload API connection failed");
                     }
-                    if is_resource_error(&e) {
-                        // Out of descriptors or memory: accepting again at once would
-                        // fail again at once.
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
-                    } else {
-                        tokio::task::yield_now().await;
+                    match pause {
+                        Some(pause) => tokio::time::sleep(pause).await,
+                        None => tokio::task::yield_now().await,
                     }
                     continue;
                 }
@@ -615,6 +612,29 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// How long to pause after a failed accept: out of descriptors or memory, accepting
+/// again at once would fail again at once (and spin), so such errors pause, doubling
+/// from 10 ms to 1 s; other errors (a connection reset before it was accepted) do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AcceptBackoff(Duration);
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff(ACCEPT_BACKOFF.0)
+    }
+}
+
+impl AcceptBackoff {
+    fn after(&mut self, e: &io::Error) -> Option<Duration> {
+        if !is_resource_error(e) {
+            return None;
+        }
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(ACCEPT_BACKOFF.1);
+        Some(pause)
+    }
 }
 
 /// Counts and pins one accepted socket; `None` when it was closed over a cap.
@@ -756,6 +776,38 @@ mod tests {
         assert_eq!(peer.check_binary(other), tainted);
         assert_eq!(peer.check_binary(exe), tainted, "for good");
         drop(theirs);
+    }
+
+    #[test]
+    fn running_out_of_descriptors_backs_off_instead_of_spinning() {
+        use nix::errno::Errno;
+        let emfile = io::Error::from_raw_os_error(Errno::EMFILE as i32);
+        let mut backoff = AcceptBackoff::default();
+        let pauses: Vec<_> = (0..9).map(|_| backoff.after(&emfile)).collect();
+        let ms = |m| Some(Duration::from_millis(m));
+        assert_eq!(
+            pauses,
+            [
+                ms(10),
+                ms(20),
+                ms(40),
+                ms(80),
+                ms(160),
+                ms(320),
+                ms(640),
+                ms(1000),
+                ms(1000)
+            ]
+        );
+        for errno in [Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
+            let mut fresh = AcceptBackoff::default();
+            assert_eq!(
+                fresh.after(&io::Error::from_raw_os_error(errno as i32)),
+                ms(10)
+            );
+        }
+        let aborted = io::Error::from_raw_os_error(Errno::ECONNABORTED as i32);
+        assert_eq!(AcceptBackoff::default().after(&aborted), None);
     }
 
     #[test]
