@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/lanyard/types.proto",
         "proto/lanyard/agent.proto",
         "proto/lanyard/admin.proto",
+        "proto/lanyard/agent_local.proto",
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={file}");

@@ -47,10 +47,14 @@ token=$("$server" token generate --spiffe-id spiffe://example.org/runner | sed -
 "$server" bundle show >"$dir/bootstrap.pem"
 
 echo "==> Starting lanyard-agent (Workload API at unix://$socket)"
-# The token travels in the environment, never on the command line (other users read argv).
-LANYARD_JOIN_TOKEN="$token" "$agent" run --trust-domain example.org --server-address "127.0.0.1:$port" \
-  --trust-bundle-path "$dir/bootstrap.pem" --data-dir "$dir/agent-data" \
-  --socket-path "$socket" --log-level warn 2>"$dir/agent.log" &
+# The token goes in a file only this user can read (or in LANYARD_JOIN_TOKEN), never on
+# the command line: every local user can read a process's command line.
+(umask 077 && printf '%s\n' "$token" >"$dir/join-token")
+agent_args=(--trust-domain example.org --server-address "127.0.0.1:$port"
+  --trust-bundle-path "$dir/bootstrap.pem" --data-dir "$dir/agent-data"
+  --socket-path "$socket" --join-token-file "$dir/join-token")
+"$agent" validate "${agent_args[@]}"
+"$agent" run "${agent_args[@]}" --log-level warn 2>"$dir/agent.log" &
 pids+=($!)
 for _ in $(seq 300); do "$agent" healthcheck --socket-path "$socket" >/dev/null 2>&1 && break; sleep 0.05; done
 "$agent" healthcheck --socket-path "$socket" || { cat "$dir/agent.log"; exit 1; }

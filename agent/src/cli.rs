@@ -1,11 +1,16 @@
-//! The `lanyard-agent` command line: `run` starts the daemon; `api` and `healthcheck`
-//! are Workload API clients.
+//! The `lanyard-agent` command line: `run` starts the daemon, `validate` checks its
+//! configuration; `api` and `healthcheck` are clients of the agent's socket. Everything
+//! they print goes through `lanyard_daemon::outln!` (a closed pipe, as in `| head`, ends
+//! the command quietly), times as RFC 3339 UTC in text and as Unix seconds in JSON.
 
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lanyard_daemon::fs::{DirMode, FsError, PrivateDir};
+use lanyard_daemon::outln;
 use lanyard_proto::WORKLOAD_SECURITY_HEADER;
+use lanyard_proto::agent_local::HealthRequest;
+use lanyard_proto::agent_local::local_service_client::LocalServiceClient;
 use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use lanyard_proto::workload::{X509svid, X509svidRequest, X509svidResponse};
 use tonic::transport::Channel;
@@ -28,10 +33,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent.
     Run(RunArgs),
+    /// Check the configuration (and data_dir) without starting: one line and exit 0, or
+    /// the error and exit 78.
+    Validate(RunArgs),
     /// Talk to the Workload API like a workload would.
     #[command(subcommand)]
     Api(ApiCommand),
-    /// Check that the agent answers on its socket.
+    /// Check that the agent is ready; if not, say why and exit 1.
     Healthcheck(SocketArgs),
 }
 
@@ -55,6 +63,17 @@ pub enum ApiCommand {
     Fetch(FetchCommand),
     /// Print every X509-SVID update until interrupted.
     Watch(SocketArgs),
+    /// Show the selectors the agent attests for this process (or for process --pid of
+    /// your own user; root may name any), and the SPIFFE IDs they earn.
+    DebugSelectors {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Another process of yours to look at.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        pid: Option<i32>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +101,8 @@ pub enum ClientError {
     Status { code: tonic::Code, message: String },
     #[error("the agent closed the stream without an answer")]
     NoAnswer,
+    #[error("the agent at {path} is not ready: {}", .reasons.join("; "))]
+    NotReady { path: PathBuf, reasons: Vec<String> },
     #[error("cannot write the SVID files: {0}")]
     Write(#[from] FsError),
     #[error("the agent sent an unusable certificate: {0}")]
@@ -155,12 +176,34 @@ fn pem_concat(label: &str, der_concat: &[u8]) -> Result<String, ClientError> {
     Ok(lanyard_daemon::output::pem_all(label, certs))
 }
 
-/// Writes each SVID, its key (0600) and bundle into `dir`, which must be the caller's
-/// own: created 0700 if missing, refused when owned by someone else, writable by group
-/// or others, or a symlink; every file is written through the directory's descriptor,
-/// never following a link planted at its name.
+/// Opens the directory `--write` names: created 0700 if missing; an existing one must
+/// be the caller's own and not writable by group or others (nor a symlink), and so must
+/// its parents be safe from renames by others (see `PrivateDir`).
+fn output_dir(dir: &Path) -> Result<PrivateDir, FsError> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| FsError::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    match nix::unistd::mkdir(dir, nix::sys::stat::Mode::from_bits_truncate(0o700)) {
+        // Refused after all (a parent others can change): leave nothing behind.
+        Ok(()) => PrivateDir::open(dir, DirMode::Private).inspect_err(|_| {
+            let _ = std::fs::remove_dir(dir);
+        }),
+        Err(nix::errno::Errno::EEXIST) => PrivateDir::open(dir, DirMode::Searchable),
+        Err(e) => Err(FsError::Io {
+            path: dir.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Writes each SVID, its key (0600) and bundle into `dir` (see [`output_dir`]); every
+/// file is written through the directory's descriptor as an exclusive temporary file
+/// renamed into place, so a link planted at a name is replaced, never followed.
 fn write_files(dir: &Path, response: &X509svidResponse) -> Result<(), ClientError> {
-    let dir = PrivateDir::open_or_create(dir, DirMode::Searchable)?;
+    let dir = output_dir(dir)?;
     for (i, svid) in response.svids.iter().enumerate() {
         dir.write_atomic(
             &format!("svid.{i}.pem"),
@@ -182,7 +225,7 @@ fn write_files(dir: &Path, response: &X509svidResponse) -> Result<(), ClientErro
 /// Runs a client subcommand.
 pub async fn run_client(command: Command) -> Result<(), ClientError> {
     match command {
-        Command::Run(_) => Ok(()),
+        Command::Run(_) | Command::Validate(_) => Ok(()),
         Command::Api(ApiCommand::Fetch(FetchCommand::X509 {
             socket,
             write,
@@ -201,28 +244,29 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 write_files(dir, &response)?;
             }
             match output {
-                Output::Json => println!(
+                Output::Json => outln!(
                     "{}",
                     serde_json::json!({ "svids": described.iter().zip(&response.svids).map(|((id, serial, not_after), s)| serde_json::json!({
                         "spiffe_id": id, "serial": serial, "not_after": not_after, "hint": s.hint,
                     })).collect::<Vec<_>>() })
                 ),
                 Output::Text => {
-                    println!(
+                    outln!(
                         "Received {} svid after {:.3}ms",
                         response.svids.len(),
                         elapsed.as_secs_f64() * 1000.0
                     );
                     for (i, (id, serial, not_after)) in described.iter().enumerate() {
-                        println!(
-                            "\nSPIFFE ID        : {id}\nSerial           : {serial}\nValid until      : {not_after}"
+                        outln!(
+                            "\nSPIFFE ID        : {id}\nSerial           : {serial}\nValid until      : {}",
+                            lanyard_daemon::output::rfc3339(*not_after)
                         );
                         if !response.svids[i].hint.is_empty() {
-                            println!("Hint             : {}", response.svids[i].hint);
+                            outln!("Hint             : {}", response.svids[i].hint);
                         }
                     }
                     if let Some(dir) = &write {
-                        println!(
+                        outln!(
                             "\nWrote svid.N.pem, svid.N.key and bundle.N.pem to {}",
                             dir.display()
                         );
@@ -248,28 +292,109 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                     .iter()
                     .map(|(id, serial, _)| format!("{id} (serial {serial})"))
                     .collect();
-                println!("Received {} svid: {}", ids.len(), line.join(", "));
+                outln!("Received {} svid: {}", ids.len(), line.join(", "));
             }
             Err(ClientError::NoAnswer)
         }
+        Command::Api(ApiCommand::DebugSelectors {
+            socket,
+            pid,
+            output,
+        }) => debug_selectors(&socket, pid, output).await,
         Command::Healthcheck(socket) => {
             let (path, channel) = connect(&socket).await?;
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let status = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
+            let health = LocalServiceClient::new(channel)
+                .health(HealthRequest {})
                 .await?
-                .into_inner()
-                .status;
-            if status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                return Err(ClientError::Status {
-                    code: tonic::Code::Unavailable,
-                    message: "agent is not serving".into(),
+                .into_inner();
+            if !health.ready {
+                return Err(ClientError::NotReady {
+                    path,
+                    reasons: health.reasons,
                 });
             }
-            println!("Agent is healthy (socket {}).", path.display());
+            outln!("Agent is healthy (socket {}).", path.display());
             Ok(())
         }
     }
+}
+
+/// `api debug-selectors`: asks the agent's local service what it attests for a process.
+async fn debug_selectors(
+    socket: &SocketArgs,
+    pid: Option<i32>,
+    output: Output,
+) -> Result<(), ClientError> {
+    let (_, channel) = connect(socket).await?;
+    let answer = LocalServiceClient::new(channel)
+        .debug_selectors(lanyard_proto::agent_local::DebugSelectorsRequest {
+            pid: pid.unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    match output {
+        Output::Json => outln!(
+            "{}",
+            serde_json::json!({
+                "pid": answer.pid,
+                "uid": answer.uid,
+                "gid": answer.gid,
+                "selectors": answer.selectors.iter().map(|s| serde_json::json!({
+                    "selector": s.selector, "conditional": s.conditional,
+                })).collect::<Vec<_>>(),
+                "identities": answer.identities.iter().map(|i| serde_json::json!({
+                    "spiffe_id": i.spiffe_id, "entry_id": i.entry_id,
+                    "conditional": i.conditional, "svid_ready": i.svid_ready,
+                })).collect::<Vec<_>>(),
+                "binary_withheld": answer.binary_withheld,
+            })
+        ),
+        Output::Text => {
+            outln!(
+                "Process {} (uid {}, gid {})",
+                answer.pid,
+                answer.uid,
+                answer.gid
+            );
+            outln!("\nSelectors:");
+            for s in &answer.selectors {
+                let note = if s.conditional { "  (binary*)" } else { "" };
+                outln!("  {}{note}", s.selector);
+            }
+            if answer.identities.is_empty() {
+                outln!(
+                    "\nNo registration entry matches these selectors: this process gets no identity."
+                );
+            } else {
+                outln!("\nSPIFFE IDs these selectors earn:");
+                for i in &answer.identities {
+                    let mut notes = Vec::new();
+                    if i.conditional {
+                        notes.push("binary*");
+                    }
+                    if !i.svid_ready {
+                        notes.push("SVID not signed yet");
+                    }
+                    let notes = if notes.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", notes.join(", "))
+                    };
+                    outln!("  {} (entry {}){notes}", i.spiffe_id, i.entry_id);
+                }
+            }
+            if answer.selectors.iter().any(|s| s.conditional) {
+                outln!(
+                    "\n* unix:path and unix:sha256 count only on a connection that the process made itself, holds alone, and still runs the same program on."
+                );
+            }
+            if !answer.binary_withheld.is_empty() {
+                outln!(
+                    "  On this connection they do not: {}.",
+                    answer.binary_withheld
+                );
+            }
+        }
+    }
+    Ok(())
 }

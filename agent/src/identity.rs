@@ -57,13 +57,10 @@ pub struct AgentSvid {
 /// Errors reading or writing the stored identity.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error("data_dir cannot store the agent's identity, so the join token was not used: {0}")]
+    NotWritable(FsError),
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -171,33 +168,24 @@ impl IdentityFiles {
         Ok(())
     }
 
+    /// Proves the directory can take the identity files now, before a join token (which
+    /// cannot be had twice) is spent: a probe as large as the files is written, synced
+    /// and removed, so a read-only or full data_dir fails here.
+    pub fn check_writable(&self) -> Result<(), IdentityError> {
+        const PROBE: &str = ".identity-probe";
+        let written = self.dir.write_atomic(PROBE, &[0u8; 16 * 1024]);
+        let removed = self.dir.remove(PROBE);
+        written.and(removed).map_err(IdentityError::NotWritable)
+    }
+
+    /// Whether an identity is stored (both the certificate and the key).
+    pub fn exists(&self) -> Result<bool, IdentityError> {
+        Ok(self.dir.exists(SVID_FILE)? && self.dir.exists(KEY_FILE)?)
+    }
+
     /// Forgets the stored SVID (after the server says this agent is no longer known).
     pub fn forget(&self) {
         let _ = self.dir.remove(SVID_FILE);
         let _ = self.dir.remove(KEY_FILE);
     }
-}
-
-/// Reads a PEM bundle file (the bootstrap bundle).
-pub fn read_pem_bundle(path: &Path) -> Result<Vec<Vec<u8>>, IdentityError> {
-    let bytes = std::fs::read(path).map_err(|source| IdentityError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let certs: Vec<Vec<u8>> = pem::parse_many(bytes)
-        .map_err(|e| IdentityError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(pem::Pem::into_contents)
-        .collect();
-    if certs.is_empty() {
-        return Err(IdentityError::Corrupt {
-            path: path.to_path_buf(),
-            reason: "no CERTIFICATE block".into(),
-        });
-    }
-    Ok(certs)
 }

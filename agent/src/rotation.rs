@@ -46,22 +46,35 @@ pub fn instant_at(clock: &dyn Clock, at_ms: i64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_millis(delta)
 }
 
+/// A clock that follows tokio's (pausable) time from a fixed start, so tests under
+/// `start_paused` see wall-clock time move exactly as tokio's timers do.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct TokioClock {
+    start_ms: i64,
+    start: tokio::time::Instant,
+}
+
+#[cfg(test)]
+impl TokioClock {
+    pub(crate) fn starting_at(start_ms: i64) -> Self {
+        TokioClock {
+            start_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Clock for TokioClock {
+    fn now_ms(&self) -> i64 {
+        self.start_ms + self.start.elapsed().as_millis() as i64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A clock that follows tokio's (pausable) time from a fixed start.
-    #[derive(Debug)]
-    struct TokioClock {
-        start_ms: i64,
-        start: tokio::time::Instant,
-    }
-
-    impl Clock for TokioClock {
-        fn now_ms(&self) -> i64 {
-            self.start_ms + self.start.elapsed().as_millis() as i64
-        }
-    }
 
     #[test]
     fn half_life_from_receipt_with_bounded_jitter() {
@@ -87,10 +100,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timer_fires_at_renewal_time_not_before() {
-        let clock = TokioClock {
-            start_ms: 1_000_000,
-            start: tokio::time::Instant::now(),
-        };
+        let clock = TokioClock::starting_at(1_000_000);
         // An SVID received now, valid for 60 s, no jitter: renew 30 s from now.
         let at = renew_at_ms(clock.now_ms(), 1060, 0.0);
         let deadline = instant_at(&clock, at);

@@ -40,6 +40,11 @@ mod generated {
             pub mod v1 {
                 tonic::include_proto!("lanyard.agent.v1");
             }
+            pub mod local {
+                pub mod v1 {
+                    tonic::include_proto!("lanyard.agent.local.v1");
+                }
+            }
         }
         pub mod admin {
             pub mod v1 {
@@ -54,6 +59,9 @@ pub use generated::lanyard::types::v1 as types;
 
 /// The server's API for node agents.
 pub use generated::lanyard::agent::v1 as agent;
+
+/// The agent's local service on the Workload API socket (debug selectors, health).
+pub use generated::lanyard::agent::local::v1 as agent_local;
 
 /// The server's administration API.
 pub use generated::lanyard::admin::v1 as admin;

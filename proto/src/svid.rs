@@ -10,7 +10,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::spiffe_id::{IdError, SpiffeId};
 
 /// Why a certificate does not follow the X509-SVID profile.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProfileError {
     #[error("certificate is not valid DER: {0}")]
@@ -207,4 +207,284 @@ pub fn split_der_chain(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ProfileError> {
         bytes = rest;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! One certificate per rejection rule of the X509-SVID profile, made with rcgen, and
+    //! the valid leaf and CA they are variations of.
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, DistinguishedName,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    };
+
+    use super::*;
+
+    fn key() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key")
+    }
+
+    fn uri(u: &str) -> SanType {
+        SanType::URI(u.try_into().expect("URI"))
+    }
+
+    /// A valid leaf X509-SVID for `spiffe://example.org/workload`.
+    fn leaf_params() -> CertificateParams {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![uri("spiffe://example.org/workload")];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.serial_number = Some(SerialNumber::from(vec![0x01, 0x02, 0x03]));
+        p
+    }
+
+    /// A valid signing certificate for the trust domain.
+    fn ca_params() -> CertificateParams {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![uri("spiffe://example.org")];
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.serial_number = Some(SerialNumber::from(vec![0x42]));
+        p
+    }
+
+    fn der(params: CertificateParams) -> Vec<u8> {
+        params
+            .self_signed(&key())
+            .expect("certificate")
+            .der()
+            .to_vec()
+    }
+
+    fn leaf(change: impl FnOnce(&mut CertificateParams)) -> Result<LeafInfo, ProfileError> {
+        let mut p = leaf_params();
+        change(&mut p);
+        check_leaf(&der(p), None)
+    }
+
+    fn ca(change: impl FnOnce(&mut CertificateParams)) -> Result<i64, ProfileError> {
+        let mut p = ca_params();
+        change(&mut p);
+        check_ca(&der(p))
+    }
+
+    #[test]
+    fn a_valid_leaf_and_ca_pass() {
+        let info = leaf(|_| {}).expect("valid leaf");
+        assert_eq!(info.spiffe_id.as_str(), "spiffe://example.org/workload");
+        assert_eq!(info.serial_hex, "010203");
+        assert!(info.not_after > info.not_before);
+        ca(|_| {}).expect("valid CA");
+        // A leaf signed by the CA, as the server issues them, splits back from a chain.
+        let ca_key = key();
+        let ca_cert = ca_params().self_signed(&ca_key).expect("ca");
+        let ca_p = ca_params();
+        let issuer = Issuer::from_params(&ca_p, &ca_key);
+        let leaf_cert = leaf_params().signed_by(&key(), &issuer).expect("leaf");
+        let chain = [leaf_cert.der().to_vec(), ca_cert.der().to_vec()].concat();
+        let parts = split_der_chain(&chain).expect("chain");
+        assert_eq!(parts.len(), 2);
+        check_leaf(parts[0], Some(check_ca(parts[1]).expect("ca"))).expect("leaf in chain");
+    }
+
+    #[test]
+    fn der_garbage_and_trailing_bytes() {
+        assert!(matches!(
+            check_leaf(b"not a certificate", None),
+            Err(ProfileError::Der(_))
+        ));
+        let mut with_tail = der(leaf_params());
+        with_tail.push(0);
+        assert_eq!(
+            check_leaf(&with_tail, None),
+            Err(ProfileError::Der(
+                "trailing bytes after the certificate".into()
+            ))
+        );
+        assert!(matches!(
+            split_der_chain(b"\x30\x03\x01"),
+            Err(ProfileError::Der(_))
+        ));
+    }
+
+    #[test]
+    fn exactly_one_uri_san() {
+        assert_eq!(
+            leaf(|p| p.subject_alt_names.clear()),
+            Err(ProfileError::UriSanCount(0))
+        );
+        assert_eq!(
+            leaf(|p| p.subject_alt_names.push(uri("spiffe://example.org/other"))),
+            Err(ProfileError::UriSanCount(2))
+        );
+        assert_eq!(
+            spiffe_id_of(&der({
+                let mut p = leaf_params();
+                p.subject_alt_names.clear();
+                p
+            })),
+            Err(ProfileError::UriSanCount(0))
+        );
+    }
+
+    #[test]
+    fn the_uri_san_must_be_a_spiffe_id() {
+        assert!(matches!(
+            leaf(|p| p.subject_alt_names = vec![uri("https://example.org/workload")]),
+            Err(ProfileError::SpiffeId(_))
+        ));
+    }
+
+    #[test]
+    fn a_leaf_id_has_a_path() {
+        assert_eq!(
+            leaf(|p| p.subject_alt_names = vec![uri("spiffe://example.org")]),
+            Err(ProfileError::RootLeafId("spiffe://example.org".into()))
+        );
+    }
+
+    #[test]
+    fn a_ca_id_has_no_path() {
+        assert_eq!(
+            ca(|p| p.subject_alt_names = vec![uri("spiffe://example.org/ca")]),
+            Err(ProfileError::CaIdWithPath("spiffe://example.org/ca".into()))
+        );
+    }
+
+    #[test]
+    fn basic_constraints_must_be_present() {
+        assert_eq!(
+            leaf(|p| p.is_ca = IsCa::NoCa),
+            Err(ProfileError::BasicConstraintsMissing)
+        );
+        assert_eq!(
+            ca(|p| p.is_ca = IsCa::NoCa),
+            Err(ProfileError::BasicConstraintsMissing)
+        );
+    }
+
+    #[test]
+    fn a_leaf_is_not_a_ca() {
+        assert_eq!(
+            leaf(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
+            Err(ProfileError::LeafBasicConstraints)
+        );
+    }
+
+    #[test]
+    fn a_signing_certificate_is_a_ca() {
+        assert_eq!(
+            ca(|p| p.is_ca = IsCa::ExplicitNoCa),
+            Err(ProfileError::NotCa)
+        );
+    }
+
+    #[test]
+    fn key_usage_must_be_present_and_critical() {
+        assert_eq!(
+            leaf(|p| p.key_usages.clear()),
+            Err(ProfileError::KeyUsageNotCritical)
+        );
+        // digitalSignature, in a keyUsage extension not marked critical.
+        let mut non_critical =
+            CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
+        non_critical.set_criticality(false);
+        assert_eq!(
+            leaf(|p| {
+                p.key_usages.clear();
+                p.custom_extensions = vec![non_critical];
+            }),
+            Err(ProfileError::KeyUsageNotCritical)
+        );
+        assert_eq!(
+            ca(|p| p.key_usages.clear()),
+            Err(ProfileError::KeyUsageNotCritical)
+        );
+    }
+
+    #[test]
+    fn a_leaf_signs_digitally() {
+        assert_eq!(
+            leaf(|p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]),
+            Err(ProfileError::NoDigitalSignature)
+        );
+    }
+
+    #[test]
+    fn a_leaf_cannot_sign_certificates_or_crls() {
+        for extra in [KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign] {
+            assert_eq!(
+                leaf(|p| p.key_usages.push(extra)),
+                Err(ProfileError::LeafCanSign)
+            );
+        }
+    }
+
+    #[test]
+    fn a_ca_signs_certificates() {
+        assert_eq!(
+            ca(|p| p.key_usages =
+                vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature]),
+            Err(ProfileError::NoKeyCertSign)
+        );
+    }
+
+    #[test]
+    fn a_leaf_is_for_servers_and_clients() {
+        assert_eq!(
+            leaf(|p| p.extended_key_usages.clear()),
+            Err(ProfileError::ExtKeyUsage)
+        );
+        assert_eq!(
+            leaf(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
+            Err(ProfileError::ExtKeyUsage)
+        );
+        assert_eq!(
+            leaf(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]),
+            Err(ProfileError::ExtKeyUsage)
+        );
+    }
+
+    #[test]
+    fn serials_are_positive_and_at_most_20_octets() {
+        assert_eq!(
+            leaf(|p| p.serial_number = Some(SerialNumber::from(vec![0x00]))),
+            Err(ProfileError::Serial),
+            "zero"
+        );
+        assert_eq!(
+            leaf(|p| p.serial_number = Some(SerialNumber::from(vec![0x7f; 21]))),
+            Err(ProfileError::Serial),
+            "21 octets"
+        );
+        // 20 octets with the high bit set take a leading zero in DER: still allowed.
+        leaf(|p| p.serial_number = Some(SerialNumber::from(vec![0xff; 20]))).expect("20 octets");
+        assert_eq!(
+            ca(|p| p.serial_number = Some(SerialNumber::from(vec![0x00]))),
+            Err(ProfileError::Serial)
+        );
+    }
+
+    #[test]
+    fn a_leaf_does_not_outlive_its_issuer() {
+        let info = leaf(|_| {}).expect("valid");
+        let p = leaf_params();
+        let d = der(p);
+        assert_eq!(
+            check_leaf(&d, Some(info.not_after - 1)),
+            Err(ProfileError::OutlivesIssuer)
+        );
+        check_leaf(&d, Some(info.not_after)).expect("same notAfter is fine");
+    }
 }

@@ -3,6 +3,7 @@
 //! them. The binaries must be built first (`cargo build --workspace --bins`; the README's
 //! test command does this); a missing binary fails loudly.
 
+pub mod commands;
 pub mod workload;
 
 use std::net::TcpListener;
@@ -294,12 +295,25 @@ pub struct Agent {
     pub socket: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// A command the agent runs under (e.g. `unshare --pid --fork`), if any.
+    wrapper: Vec<String>,
     daemon: Daemon,
 }
 
 impl Agent {
     /// Starts an agent of `server` under `root`, attesting with `token` if given.
     pub fn start(root: &Path, server: &Server, token: Option<&str>) -> Agent {
+        Self::start_wrapped(root, server, token, &[])
+    }
+
+    /// Like [`start`](Self::start), with the agent run under `wrapper` (a command and
+    /// its arguments, e.g. `unshare --pid --fork --mount-proc --kill-child --`).
+    pub fn start_wrapped(
+        root: &Path,
+        server: &Server,
+        token: Option<&str>,
+        wrapper: &[&str],
+    ) -> Agent {
         let bundle = root.join("bootstrap.pem");
         std::fs::write(&bundle, server.bundle_pem()).expect("bundle");
         let log = root.join("agent.log");
@@ -316,6 +330,7 @@ impl Agent {
                 "--trust-bundle-path".into(),
                 bundle.display().to_string(),
             ],
+            wrapper: wrapper.iter().map(ToString::to_string).collect(),
             daemon: Daemon::new("lanyard-agent", log),
         };
         agent.spawn(token);
@@ -324,7 +339,14 @@ impl Agent {
 
     /// The agent command line for `run` (without token), for tests that drive it themselves.
     pub fn command(&self, token: Option<&str>) -> Command {
-        let mut cmd = Command::new(bin("lanyard-agent"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("lanyard-agent"));
+                cmd
+            }
+            None => Command::new(bin("lanyard-agent")),
+        };
         cmd.args(&self.args)
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -360,6 +382,11 @@ impl Agent {
     /// Stops the agent (SIGTERM) and returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         self.daemon.stop()
+    }
+
+    /// The pid of the process the harness started (the wrapper's, when there is one).
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.child.as_ref().map(Child::id)
     }
 
     /// Starts it again on the same data directory (no token: it reloads its SVID).
@@ -399,6 +426,12 @@ impl TrustDomain {
     }
 
     pub fn start_with(server_args: &[&str]) -> TrustDomain {
+        Self::start_wrapped(server_args, &[])
+    }
+
+    /// Like [`start_with`](Self::start_with), with the agent run under `wrapper` (see
+    /// [`Agent::start_wrapped`]).
+    pub fn start_wrapped(server_args: &[&str], wrapper: &[&str]) -> TrustDomain {
         let dir = tempfile::Builder::new()
             .prefix("lanyard-e2e")
             .tempdir()
@@ -411,7 +444,7 @@ impl TrustDomain {
         let server = Server::start(dir.path(), "example.org", server_args);
         let runner = "spiffe://example.org/runner".to_string();
         let token = server.token(Some(&runner));
-        let agent = Agent::start(dir.path(), &server, Some(&token));
+        let agent = Agent::start_wrapped(dir.path(), &server, Some(&token), wrapper);
         TrustDomain {
             dir,
             server,

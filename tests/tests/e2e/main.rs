@@ -2,6 +2,11 @@
 //! `lanyard_tests` (tests/src/lib.rs). They start the real `lanyard-server` and
 //! `lanyard-agent` binaries and talk to them with real clients.
 
+mod agent_bootstrap;
+mod agent_cli;
+mod agent_health;
+mod agent_join_token;
+mod agent_single_instance;
 mod demo_script;
 mod python_client;
 mod server_and_cli;
@@ -13,3 +18,5 @@ mod wl_openssl_files;
 mod wl_rotation;
 mod wl_shutdown;
 mod wl_spiffe_crate;
+mod workload_api_limits;
+mod workload_attestation;

@@ -292,11 +292,14 @@ fn assert_common_hardening(unit: &str, s: &BTreeMap<String, Vec<String>>) {
     ] {
         assert_eq!(single(s, unit, key), want, "{unit}: {key}=");
     }
-    assert_eq!(
-        words(single(s, unit, "RestrictAddressFamilies")),
-        ["AF_INET", "AF_INET6", "AF_UNIX"],
-        "{unit}: RestrictAddressFamilies="
-    );
+    // The agent also needs AF_NETLINK (sock_diag) for its connection check.
+    let families = words(single(s, unit, "RestrictAddressFamilies"));
+    let want: &[&str] = if unit.contains("agent") {
+        &["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
+    } else {
+        &["AF_INET", "AF_INET6", "AF_UNIX"]
+    };
+    assert_eq!(families, want, "{unit}: RestrictAddressFamilies=");
     let filters = s.get("SystemCallFilter").cloned().unwrap_or_default();
     assert!(
         filters.iter().any(|f| f == "@system-service"),
