@@ -54,6 +54,18 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     #[serde(default)]
     health: HealthFile,
+    #[serde(default)]
+    workload_api: WorkloadApiFile,
+}
+
+/// The `[workload_api]` table: what one local user may hold open.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadApiFile {
+    connections_per_uid: Option<usize>,
+    streams_per_uid: Option<usize>,
+    max_connections: Option<usize>,
+    idle_timeout: Option<Duration>,
 }
 
 /// The `[health]` table.
@@ -225,6 +237,8 @@ pub struct AgentConfig {
     pub socket_path: PathBuf,
     pub join_token: JoinTokenSource,
     pub health: HealthConfig,
+    /// Caps on Workload API callers (the total is lowered further to fit the fd limit).
+    pub workload_api: crate::peer::Limits,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -304,6 +318,12 @@ pub enum ConfigError {
     SocketPath(PathBuf),
     #[error("log_level \"{0}\" is not one of trace, debug, info, warn, error")]
     LogLevel(String),
+    #[error("[workload_api] {key} must be at least {min}, got {got}")]
+    WorkloadApiLimit {
+        key: &'static str,
+        min: u64,
+        got: u64,
+    },
     #[error(
         "--join-token is refused because every local user can read a process's command line (/proc/<pid>/cmdline); pass the token in the LANYARD_JOIN_TOKEN environment variable or in a file named by --join-token-file"
     )]
@@ -436,10 +456,39 @@ impl AgentConfig {
                     .or(file.health.unreachable_grace)
                     .unwrap_or(DEFAULT_UNREACHABLE_GRACE),
             },
+            workload_api: workload_api_limits(&file.workload_api)?,
             log_level,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
+}
+
+/// The `[workload_api]` caps, defaulted and checked.
+fn workload_api_limits(file: &WorkloadApiFile) -> Result<crate::peer::Limits, ConfigError> {
+    let defaults = crate::peer::Limits::default();
+    let at_least = |key: &'static str, value: Option<usize>, default: usize| match value {
+        Some(0) => Err(ConfigError::WorkloadApiLimit { key, min: 1, got: 0 }),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let idle_timeout = file.idle_timeout.map_or(defaults.idle_timeout, Into::into);
+    if idle_timeout < std::time::Duration::from_secs(1) {
+        return Err(ConfigError::WorkloadApiLimit {
+            key: "idle_timeout (seconds)",
+            min: 1,
+            got: idle_timeout.as_secs(),
+        });
+    }
+    Ok(crate::peer::Limits {
+        connections_per_uid: at_least(
+            "connections_per_uid",
+            file.connections_per_uid,
+            defaults.connections_per_uid,
+        )?,
+        streams_per_uid: at_least("streams_per_uid", file.streams_per_uid, defaults.streams_per_uid)?,
+        max_connections: at_least("max_connections", file.max_connections, defaults.max_connections)?,
+        idle_timeout,
+    })
 }
 
 /// Reads the bootstrap bundle: PEM, at least one certificate, every certificate a CA
@@ -621,6 +670,38 @@ mod tests {
         assert!(e.to_string().contains("line 5"), "{e}");
         let e = load_text(&format!("{BASE}[health]\nport = 1\n")).expect_err("unknown key");
         assert!(e.to_string().contains("port"), "{e}");
+    }
+
+    #[test]
+    fn workload_api_table_sets_the_caller_limits() {
+        let c = load_text(&format!(
+            "{BASE}[workload_api]\nconnections_per_uid = 64\nstreams_per_uid = 32\nmax_connections = 4096\nidle_timeout = \"10s\"\n"
+        ))
+        .expect("ok");
+        assert_eq!(
+            c.workload_api,
+            crate::peer::Limits {
+                connections_per_uid: 64,
+                streams_per_uid: 32,
+                max_connections: 4096,
+                idle_timeout: std::time::Duration::from_secs(10),
+            }
+        );
+        assert_eq!(
+            load_text(BASE).expect("defaults").workload_api,
+            crate::peer::Limits::default()
+        );
+        let e = load_text(&format!("{BASE}[workload_api]\nstreams_per_uid = 0\n"))
+            .expect_err("zero");
+        assert_eq!(
+            e.to_string(),
+            "[workload_api] streams_per_uid must be at least 1, got 0"
+        );
+        let e = load_text(&format!("{BASE}[workload_api]\nidle_timeout = \"100ms\"\n"))
+            .expect_err("too short");
+        assert!(e.to_string().contains("idle_timeout"), "{e}");
+        let e = load_text(&format!("{BASE}[workload_api]\nstreams = 1\n")).expect_err("unknown");
+        assert!(e.to_string().contains("streams"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::config::{AgentConfig, JoinTokenSource};
 use crate::health::{Health, Inputs};
 use crate::identity::{IdentityError, IdentityFiles};
 use crate::local_api::LocalApi;
-use crate::peer::{InFlightLayer, Limits, Registry};
+use crate::peer::{InFlightLayer, Registry};
 use crate::rotation::{Clock, SystemClock};
 use crate::sync::{SyncError, SyncWorker};
 use crate::workload_api::WorkloadApi;
@@ -278,7 +278,10 @@ pub async fn run(
 
     let attestor = Arc::new(UnixAttestor::new(UnixAttestorConfig::default()));
     let attester = Arc::new(Attester::new(attestor));
-    let limits = Limits::default().within_fd_limit(crate::peer::raise_fd_limit());
+    let limits = config
+        .workload_api
+        .clone()
+        .within_fd_limit(crate::peer::raise_fd_limit());
     tracing::info!(
         pidfd = %lanyard_attestors::workload::pidfd_support(),
         max_connections = limits.max_connections,

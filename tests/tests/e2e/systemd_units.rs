@@ -397,13 +397,24 @@ fn agent_unit_keeps_its_hardening_and_can_see_workloads() {
 // Example configs
 // ---------------------------------------------------------------------------------
 
-/// Top-level `key = value` lines of a flat TOML file, by key, in order. Panics on any
-/// uncommented line that is not such an assignment (no tables expected here).
+/// The `key = value` lines of a simple TOML file, by key (`table.key` inside a
+/// `[table]`), in order. Panics on any uncommented line that is neither such an
+/// assignment nor a table header.
 fn config_settings(file: &str, text: &str) -> BTreeMap<String, Vec<String>> {
     let mut settings: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut table = String::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            assert!(
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{file}:{}: bad table {line}",
+                n + 1
+            );
+            table = format!("{name}.");
             continue;
         }
         let (key, value) = line
@@ -428,7 +439,7 @@ fn config_settings(file: &str, text: &str) -> BTreeMap<String, Vec<String>> {
             n + 1
         );
         settings
-            .entry(key.to_owned())
+            .entry(format!("{table}{key}"))
             .or_default()
             .push(value.to_owned());
     }
@@ -508,16 +519,26 @@ fn agent_example_config_has_every_key() {
             ("socket_path", "\"/run/lanyard/agent/api.sock\""),
             ("log_level", "\"info\""),
             ("log_format", "\"text\""),
+            ("health.unreachable_grace", "\"60s\""),
+            ("workload_api.connections_per_uid", "256"),
+            ("workload_api.streams_per_uid", "256"),
+            ("workload_api.max_connections", "16384"),
+            ("workload_api.idle_timeout", "\"30s\""),
         ],
-        // Documented, but must stay commented out in the example.
         &[],
     );
     let text = read_shipped(file);
-    assert!(
-        text.lines()
-            .any(|l| l.trim() == "# insecure_bootstrap = false"),
-        "{file}: the commented `# insecure_bootstrap = false` example is missing"
-    );
+    // Documented, but must stay commented out in the example.
+    for commented in [
+        "# insecure_bootstrap = false",
+        "# join_token_file = \"/etc/lanyard/join-token\"",
+        "# bind_address = \"127.0.0.1:8089\"",
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim() == commented),
+            "{file}: the commented `{commented}` example is missing"
+        );
+    }
 }
 
 /// The paths in the configs are the directories the units create and own.
