@@ -440,6 +440,24 @@ pub fn my_uid() -> u32 {
         .expect("uid")
 }
 
+/// The ID of a join token as the server derives it: the first 32 hex digits of the
+/// token's SHA-256 (the token itself never appears in IDs, selectors or the datastore).
+pub fn join_token_id(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The SPIFFE ID of the agent that attests with `token` in `trust_domain`.
+pub fn join_token_agent_id(trust_domain: &str, token: &str) -> String {
+    format!(
+        "spiffe://{trust_domain}/lanyard/agent/join_token/{}",
+        join_token_id(token)
+    )
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
