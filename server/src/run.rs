@@ -422,3 +422,32 @@ fn rotation_instant(state: &State, not_after: i64) -> tokio::time::Instant {
     let remaining = u64::try_from(not_after - state.now()).unwrap_or(0).max(2);
     tokio::time::Instant::now() + Duration::from_secs(remaining / 2)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_names_an_expired_ca_and_an_unwritable_datastore() {
+        let (_dir, state, store, clock) = crate::state::tests::state().await;
+        assert_eq!(readiness_now(&state).await, Readiness::default());
+        store.fail_probe.store(true, Ordering::SeqCst);
+        let not_ready = readiness_now(&state).await;
+        assert_eq!(not_ready.reasons.len(), 1, "{not_ready:?}");
+        assert!(
+            not_ready.reasons[0].starts_with("the datastore does not accept writes"),
+            "{not_ready:?}"
+        );
+        store.fail_probe.store(false, Ordering::SeqCst);
+        // The CA of the test state lives an hour.
+        clock.advance(3600);
+        let expired = readiness_now(&state).await;
+        assert_eq!(expired.reasons.len(), 1, "{expired:?}");
+        assert!(
+            expired.reasons[0].starts_with("the CA expired at "),
+            "{expired:?}"
+        );
+    }
+}

@@ -484,99 +484,14 @@ fn duplicate_index(current: &EntrySnapshot, batch: &[Entry]) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+pub(crate) mod tests {
+    use std::sync::atomic::Ordering;
 
-    use async_trait::async_trait;
     use lanyard_proto::Selector;
 
     use super::*;
     use crate::clock::{Clock, ManualClock};
-    use crate::datastore::SqliteStore;
-
-    /// Counts the datastore reads that scale with the number of entries.
-    #[derive(Debug)]
-    struct Counting {
-        inner: SqliteStore,
-        list_entries: AtomicUsize,
-        entry_revisions: AtomicUsize,
-        get_entries: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl DataStore for Counting {
-        async fn create_entries(&self, entries: &[Entry]) -> StoreResult<()> {
-            self.inner.create_entries(entries).await
-        }
-        async fn update_entry(&self, entry: &Entry) -> StoreResult<Entry> {
-            self.inner.update_entry(entry).await
-        }
-        async fn delete_entries(&self, ids: &[String]) -> StoreResult<Vec<Entry>> {
-            self.inner.delete_entries(ids).await
-        }
-        async fn list_entries(&self) -> StoreResult<Vec<Entry>> {
-            self.list_entries.fetch_add(1, Ordering::SeqCst);
-            self.inner.list_entries().await
-        }
-        async fn entry_revisions(&self) -> StoreResult<Vec<(String, i64)>> {
-            self.entry_revisions.fetch_add(1, Ordering::SeqCst);
-            self.inner.entry_revisions().await
-        }
-        async fn get_entries(&self, ids: &[String]) -> StoreResult<Vec<Entry>> {
-            self.get_entries.fetch_add(ids.len(), Ordering::SeqCst);
-            self.inner.get_entries(ids).await
-        }
-        async fn create_join_token(&self, t: &StoredToken, a: Option<&Entry>) -> StoreResult<()> {
-            self.inner.create_join_token(t, a).await
-        }
-        async fn record_attestation(
-            &self,
-            a: &AgentRecord,
-            t: Option<&str>,
-            now: i64,
-        ) -> StoreResult<Result<(), AttestRefusal>> {
-            self.inner.record_attestation(a, t, now).await
-        }
-        async fn prune_join_tokens(&self, now: i64, limit: u32) -> StoreResult<Vec<Entry>> {
-            self.inner.prune_join_tokens(now, limit).await
-        }
-        async fn renew_agent(&self, i: &SpiffeId, p: &str, s: &str, e: i64) -> StoreResult<bool> {
-            self.inner.renew_agent(i, p, s, e).await
-        }
-        async fn drop_previous_serial(&self, i: &SpiffeId, c: &str) -> StoreResult<()> {
-            self.inner.drop_previous_serial(i, c).await
-        }
-        async fn get_agent(&self, i: &SpiffeId) -> StoreResult<Option<AgentRecord>> {
-            self.inner.get_agent(i).await
-        }
-        async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
-            self.inner.list_agents().await
-        }
-        async fn evict_agent(&self, i: &SpiffeId) -> StoreResult<Option<Vec<Entry>>> {
-            self.inner.evict_agent(i).await
-        }
-        async fn ban_agent(&self, i: &SpiffeId, now: i64) -> StoreResult<Banned> {
-            self.inner.ban_agent(i, now).await
-        }
-        async fn unban_agent(&self, i: &SpiffeId) -> StoreResult<bool> {
-            self.inner.unban_agent(i).await
-        }
-        async fn get_ban(&self, i: &SpiffeId) -> StoreResult<Option<Ban>> {
-            self.inner.get_ban(i).await
-        }
-        async fn list_bans(&self) -> StoreResult<Vec<Ban>> {
-            self.inner.list_bans().await
-        }
-        async fn load_bundle(&self, td: &str) -> StoreResult<Option<StoredBundle>> {
-            self.inner.load_bundle(td).await
-        }
-        async fn store_bundle(&self, td: &str, b: &StoredBundle) -> StoreResult<()> {
-            self.inner.store_bundle(td, b).await
-        }
-        async fn probe_write(&self, now: i64) -> StoreResult<()> {
-            self.inner.probe_write(now).await
-        }
-    }
+    use crate::datastore::testing::TestStore;
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).expect("id")
@@ -598,17 +513,10 @@ mod tests {
         }
     }
 
-    async fn state() -> (tempfile::TempDir, State, Arc<Counting>, Arc<ManualClock>) {
+    /// A state over a [`TestStore`] with a manual clock.
+    pub(crate) async fn state() -> (tempfile::TempDir, State, Arc<TestStore>, Arc<ManualClock>) {
         let dir = tempfile::tempdir().expect("tmp");
-        let inner = SqliteStore::open(&dir.path().join("ds.sqlite3"))
-            .await
-            .expect("store");
-        let store = Arc::new(Counting {
-            inner,
-            list_entries: AtomicUsize::new(0),
-            entry_revisions: AtomicUsize::new(0),
-            get_entries: AtomicUsize::new(0),
-        });
+        let store = Arc::new(TestStore::open(dir.path()).await);
         let clock = ManualClock::starting_now();
         let td = TrustDomain::new("example.org").expect("td");
         let ca = Ca::create(&td, Duration::from_secs(3600), clock.clone()).expect("ca");

@@ -89,7 +89,8 @@ pub struct Svid {
 }
 
 impl ClientCert {
-    fn read(certs: Option<&[CertificateDer<'_>]>) -> ClientCert {
+    /// Reads the leaf of a verified chain (leaf first).
+    pub fn read(certs: Option<&[CertificateDer<'_>]>) -> ClientCert {
         let Some(leaf) = certs.and_then(<[_]>::first) else {
             return ClientCert::None;
         };

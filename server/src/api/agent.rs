@@ -559,3 +559,289 @@ fn sign_one(
         .sign_svid(&entry.spiffe_id, csr.public_key(), ttl, &entry.dns_names)?;
     Ok((Arc::clone(entry), signed))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicBool;
+
+    use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+    use rustls_pki_types::CertificateDer;
+    use tonic::Code;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::datastore::StoredToken;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        api: AgentApi,
+        state: State,
+        clock: Arc<ManualClock>,
+        _trigger: lanyard_daemon::shutdown::Trigger,
+    }
+
+    async fn fixture() -> Fixture {
+        let (dir, state, _store, clock) = crate::state::tests::state().await;
+        let (trigger, shutdown) = lanyard_daemon::shutdown::channel();
+        Fixture {
+            _dir: dir,
+            api: AgentApi::new(state.clone(), shutdown),
+            state,
+            clock,
+            _trigger: trigger,
+        }
+    }
+
+    fn csr(uri: Option<&str>) -> Vec<u8> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        if let Some(uri) = uri {
+            params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];
+        }
+        params.serialize_request(&key).expect("csr").der().to_vec()
+    }
+
+    /// A connection's view, as the TLS layer would attach it.
+    fn conn(chain: Option<&[Vec<u8>]>) -> PeerInfo {
+        let certs: Option<Vec<CertificateDer<'_>>> =
+            chain.map(|c| c.iter().map(|d| CertificateDer::from(d.as_slice())).collect());
+        PeerInfo {
+            remote: SocketAddr::from(([192, 0, 2, 1], 4000)),
+            client: Arc::new(ClientCert::read(certs.as_deref())),
+            attest_called: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn on<T>(peer: &PeerInfo, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.extensions_mut().insert(peer.clone());
+        req
+    }
+
+    async fn token(state: &State, token: &str) {
+        let d = join_token::digest_of(token);
+        let now = state.now();
+        state
+            .create_join_token(
+                &StoredToken {
+                    hash: d.hash,
+                    id: d.id,
+                    expires_at: now + 600,
+                    created_at: now,
+                },
+                None,
+            )
+            .await
+            .expect("token");
+    }
+
+    fn attest_req(token: &str) -> AttestAgentRequest {
+        AttestAgentRequest {
+            method: join_token::METHOD.into(),
+            payload: join_token::evidence(token),
+            csr: csr(None),
+        }
+    }
+
+    /// Attests with a fresh token; returns the agent's ID and SVID chain.
+    async fn attested(f: &Fixture, name: &str) -> (String, Vec<Vec<u8>>) {
+        token(&f.state, name).await;
+        let r = f
+            .api
+            .attest(on(&conn(None), attest_req(name)))
+            .await
+            .expect("attest")
+            .into_inner();
+        (r.spiffe_id, r.x509_svid_chain)
+    }
+
+    async fn renew(f: &Fixture, peer: &PeerInfo) -> Result<Vec<Vec<u8>>, Status> {
+        f.api
+            .renew(on(peer, RenewAgentRequest { csr: csr(None) }))
+            .await
+            .map(|r| r.into_inner().x509_svid_chain)
+            .map_err(Status::from)
+    }
+
+    #[tokio::test]
+    async fn a_renewal_after_the_svid_expired_is_refused_on_an_open_connection() {
+        let f = fixture().await;
+        let (_, chain) = attested(&f, "expiring-token").await;
+        let open = conn(Some(&chain));
+        renew(&f, &open).await.expect("a valid SVID renews");
+        // The connection stays open; the SVID it presented expires (agent_ttl is 60 s).
+        let (_, chain) = attested(&f, "second-token").await;
+        let open = conn(Some(&chain));
+        f.clock.advance(61);
+        let status = renew(&f, &open).await.expect_err("renewal after notAfter");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("expired at"), "{status:?}");
+        // ... and so does every other call on it.
+        let status = f
+            .api
+            .sign(on(&open, SignX509SvidsRequest { requests: vec![] }))
+            .await
+            .map(|_| ())
+            .map_err(Status::from)
+            .expect_err("signing after notAfter");
+        assert_eq!(status.code(), Code::Unauthenticated);
+        // Before notBefore (a clock set back) is refused too.
+        f.clock.advance(-3600);
+        let status = renew(&f, &open).await.expect_err("before notBefore");
+        assert!(status.message().contains("not valid before"), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_superseded_svid_renews_only_until_the_current_one_was_used() {
+        let f = fixture().await;
+        let (_, s1) = attested(&f, "rotation-token").await;
+        let old = conn(Some(&s1));
+        let s2 = renew(&f, &old).await.expect("S1 renews");
+        // The reply was lost: S1 may renew again while S2 has never been used.
+        let s3 = renew(&f, &old).await.expect("S1 renews again");
+        // S2 was superseded unused: it is refused.
+        let status = renew(&f, &conn(Some(&s2))).await.expect_err("S2");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        // S3 is used once: from now on S1 is dropped.
+        let current = conn(Some(&s3));
+        f.api
+            .sign(on(&current, SignX509SvidsRequest { requests: vec![] }))
+            .await
+            .expect("S3 works");
+        let status = renew(&f, &old).await.expect_err("stolen S1 after S3 was used");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("superseded"), "{status:?}");
+        // The holder of S1 could not lock the current SVID out.
+        renew(&f, &current).await.expect("S3 still renews");
+    }
+
+    #[tokio::test]
+    async fn attestation_is_once_per_connection_and_echoes_methods_safely() {
+        let f = fixture().await;
+        token(&f.state, "good-token").await;
+        let peer = conn(None);
+        let status = Status::from(
+            f.api
+                .attest(on(&peer, attest_req("wrong-token")))
+                .await
+                .expect_err("unknown"),
+        );
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(status.message().contains("unknown"), "{status:?}");
+        // A second attempt on the same connection, even with the right token, is refused.
+        let status = Status::from(
+            f.api
+                .attest(on(&peer, attest_req("good-token")))
+                .await
+                .expect_err("second attempt"),
+        );
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        // A new connection may.
+        f.api
+            .attest(on(&conn(None), attest_req("good-token")))
+            .await
+            .expect("new connection");
+        let mut long = attest_req("x");
+        long.method = format!("\u{1b}]0;owned\u{7}{}", "m".repeat(100_000));
+        let status = Status::from(
+            f.api
+                .attest(on(&conn(None), long))
+                .await
+                .expect_err("unknown method"),
+        );
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().len() < 200, "{}", status.message().len());
+        assert!(!status.message().chars().any(char::is_control), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_callers_may_only_attest_and_fetch_the_bundle() {
+        let f = fixture().await;
+        let anonymous = conn(None);
+        for status in [
+            renew(&f, &anonymous).await.expect_err("renew"),
+            Status::from(
+                f.api
+                    .sign(on(&anonymous, SignX509SvidsRequest { requests: vec![] }))
+                    .await
+                    .map(|_| ())
+                    .expect_err("sign"),
+            ),
+            Status::from(
+                f.api
+                    .sync(on(&anonymous, SyncEntriesRequest {}))
+                    .await
+                    .map(|_| ())
+                    .expect_err("sync"),
+            ),
+        ] {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        }
+        AgentService::get_bundle(&f.api, on(&anonymous, GetBundleRequest {}))
+            .await
+            .expect("bundle");
+    }
+
+    #[tokio::test]
+    async fn banned_and_evicted_agents_are_refused() {
+        let f = fixture().await;
+        let (id, chain) = attested(&f, "ban-token").await;
+        let id = SpiffeId::parse(&id).expect("id");
+        let peer = conn(Some(&chain));
+        renew(&f, &peer).await.expect("renews");
+        f.state.ban_agent(&id).await.expect("ban");
+        let status = renew(&f, &conn(Some(&chain))).await.expect_err("banned");
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(status.message().contains("banned"), "{status:?}");
+        // A ban also covers an agent not attested yet: the ID of an unused token's agent.
+        let d = join_token::digest_of("future-token");
+        let future = SpiffeId::new(
+            &f.state.trust_domain,
+            &join_token::identity(&d.id).expect("identity").agent_path,
+        )
+        .expect("id");
+        f.state.ban_agent(&future).await.expect("ban");
+        token(&f.state, "future-token").await;
+        let status = Status::from(
+            f.api
+                .attest(on(&conn(None), attest_req("future-token")))
+                .await
+                .expect_err("banned ID"),
+        );
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(status.message().contains("is banned since"), "{status:?}");
+        f.state.unban_agent(&future).await.expect("unban");
+        f.api
+            .attest(on(&conn(None), attest_req("future-token")))
+            .await
+            .expect("after unban, the unspent token works");
+    }
+
+    #[tokio::test]
+    async fn csrs_with_other_curves_are_refused_by_their_key() {
+        let f = fixture().await;
+        token(&f.state, "curve-token").await;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+        let p384 = CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr")
+            .der()
+            .to_vec();
+        let mut req = attest_req("curve-token");
+        req.csr = p384;
+        let status = Status::from(
+            f.api
+                .attest(on(&conn(None), req))
+                .await
+                .expect_err("P-384"),
+        );
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("P-384"), "{status:?}");
+        // The token was not spent by the refused attempt.
+        f.api
+            .attest(on(&conn(None), attest_req("curve-token")))
+            .await
+            .expect("token still usable");
+    }
+}

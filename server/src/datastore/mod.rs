@@ -4,6 +4,8 @@
 //! in-memory index.
 
 mod sqlite;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use sqlite::SqliteStore;
 
