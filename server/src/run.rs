@@ -41,6 +41,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams one agent connection may have open at once (an agent uses three).
 const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// How long a shutdown waits for open connections to finish; a peer that never speaks
+/// HTTP/2 on its connection must not hold the server up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 const DATASTORE: &str = "datastore.sqlite3";
 
@@ -158,15 +161,30 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, ends open streams and waits for the servers to finish.
+    /// Stops accepting, ends open streams and waits (a few seconds at most) for the
+    /// servers to finish.
     pub async fn shutdown(mut self) -> Result<(), RunError> {
         self.trigger.trigger();
-        while let Some(done) = self.tasks.join_next().await {
-            if let Ok(Err(e)) = done {
-                return Err(e);
+        let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(done) = self.tasks.join_next().await {
+                if let Ok(Err(e)) = done {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match finished {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    "connections still open after the shutdown grace period; closing them"
+                );
+                self.tasks.abort_all();
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// Waits until a server task fails (it should not) and reports why; `None` when

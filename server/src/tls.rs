@@ -4,13 +4,15 @@
 //! one), and every call checks the client's SVID itself (see `api::agent`).
 //!
 //! Limits, all applied before hyper sees a connection:
-//! - at most [`Limits::max_handshakes`] TLS handshakes at once, each within
+//! - at most [`Limits::max_handshakes`] TLS handshakes at once, and
+//!   [`Limits::max_handshakes_per_ip`] per source address, each within
 //!   [`Limits::handshake_timeout`];
-//! - a connection counts as unauthenticated from accept until its handshake proved an
-//!   agent SVID: at most [`Limits::max_unauthenticated`] of those in all and
-//!   [`Limits::max_unauthenticated_per_ip`] per source address, and an unauthenticated
-//!   connection is closed after [`Limits::unauthenticated_lifetime`] (it exists to
-//!   attest, which takes milliseconds);
+//! - a connection whose client presented no agent SVID is unauthenticated: at most
+//!   [`Limits::max_unauthenticated`] of those in all and
+//!   [`Limits::max_unauthenticated_per_ip`] per source address, each closed after
+//!   [`Limits::unauthenticated_lifetime`] (it exists to attest, which takes
+//!   milliseconds). Agents with an SVID are not counted there, so a flood of anonymous
+//!   connections does not keep them out;
 //! - at most [`Limits::max_connections_per_agent`] connections per agent SVID ID.
 //!
 //! A connection over a limit is closed at once, and the refusal is logged at most once a
@@ -32,7 +34,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
@@ -43,6 +45,7 @@ use crate::ca::{Ca, CaError};
 pub struct Limits {
     pub handshake_timeout: Duration,
     pub max_handshakes: usize,
+    pub max_handshakes_per_ip: usize,
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_ip: usize,
     pub unauthenticated_lifetime: Duration,
@@ -54,6 +57,7 @@ impl Default for Limits {
         Limits {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
+            max_handshakes_per_ip: 16,
             max_unauthenticated: 1024,
             max_unauthenticated_per_ip: 16,
             unauthenticated_lifetime: Duration::from_secs(30),
@@ -124,6 +128,8 @@ pub struct PeerInfo {
 /// Counts of open connections by kind, for the limits.
 #[derive(Debug, Default)]
 struct Counts {
+    handshakes: usize,
+    handshakes_by_ip: HashMap<IpAddr, usize>,
     unauthenticated: usize,
     unauthenticated_by_ip: HashMap<IpAddr, usize>,
     by_agent: HashMap<SpiffeId, usize>,
@@ -139,6 +145,7 @@ struct Gate {
 /// A place a connection holds in the counts; given back when dropped.
 #[derive(Debug)]
 enum SlotKind {
+    Handshake(IpAddr),
     Unauthenticated(IpAddr),
     Agent(SpiffeId),
 }
@@ -153,6 +160,10 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         match &self.kind {
+            SlotKind::Handshake(ip) => {
+                counts.handshakes = counts.handshakes.saturating_sub(1);
+                decrement(&mut counts.handshakes_by_ip, ip);
+            }
             SlotKind::Unauthenticated(ip) => {
                 counts.unauthenticated = counts.unauthenticated.saturating_sub(1);
                 decrement(&mut counts.unauthenticated_by_ip, ip);
@@ -177,6 +188,7 @@ enum Refusal {
     Unauthenticated,
     UnauthenticatedPerIp,
     Handshakes,
+    HandshakesPerIp,
     PerAgent,
 }
 
@@ -188,27 +200,63 @@ impl Refusal {
                 "too many connections without an agent SVID from this address"
             }
             Refusal::Handshakes => "too many TLS handshakes in progress",
+            Refusal::HandshakesPerIp => "too many TLS handshakes in progress from this address",
             Refusal::PerAgent => "too many connections for this agent",
         }
     }
 }
 
 impl Gate {
-    fn unauthenticated(&self, ip: IpAddr) -> Result<Slot, Refusal> {
+    /// A place among the connections of one kind, counted in all and per address.
+    fn take(
+        &self,
+        ip: IpAddr,
+        kind: fn(IpAddr) -> SlotKind,
+        pick: fn(&mut Counts) -> (&mut usize, &mut HashMap<IpAddr, usize>),
+        (max, max_per_ip): (usize, usize),
+        (over, over_per_ip): (Refusal, Refusal),
+    ) -> Result<Slot, Refusal> {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if counts.unauthenticated >= self.limits.max_unauthenticated {
-            return Err(Refusal::Unauthenticated);
+        let (total, by_ip) = pick(&mut counts);
+        if *total >= max {
+            return Err(over);
         }
-        let per_ip = counts.unauthenticated_by_ip.entry(ip).or_default();
-        if *per_ip >= self.limits.max_unauthenticated_per_ip {
-            return Err(Refusal::UnauthenticatedPerIp);
+        let per_ip = by_ip.entry(ip).or_default();
+        if *per_ip >= max_per_ip {
+            return Err(over_per_ip);
         }
         *per_ip += 1;
-        counts.unauthenticated += 1;
+        *total += 1;
         Ok(Slot {
-            kind: SlotKind::Unauthenticated(ip),
+            kind: kind(ip),
             counts: self.counts.clone(),
         })
+    }
+
+    fn handshake(&self, ip: IpAddr) -> Result<Slot, Refusal> {
+        self.take(
+            ip,
+            SlotKind::Handshake,
+            |c| (&mut c.handshakes, &mut c.handshakes_by_ip),
+            (
+                self.limits.max_handshakes,
+                self.limits.max_handshakes_per_ip,
+            ),
+            (Refusal::Handshakes, Refusal::HandshakesPerIp),
+        )
+    }
+
+    fn unauthenticated(&self, ip: IpAddr) -> Result<Slot, Refusal> {
+        self.take(
+            ip,
+            SlotKind::Unauthenticated,
+            |c| (&mut c.unauthenticated, &mut c.unauthenticated_by_ip),
+            (
+                self.limits.max_unauthenticated,
+                self.limits.max_unauthenticated_per_ip,
+            ),
+            (Refusal::Unauthenticated, Refusal::UnauthenticatedPerIp),
+        )
     }
 
     fn agent(&self, id: &SpiffeId) -> Result<Slot, Refusal> {
@@ -326,7 +374,6 @@ pub fn incoming(
     limits: Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
     let gate = Gate {
         limits,
         counts: Arc::default(),
@@ -335,6 +382,12 @@ pub fn incoming(
         Duration::from_secs(60),
         1024,
     ));
+    let refused = move |remote: SocketAddr, agent: Option<&SpiffeId>, why: Refusal| {
+        if let Some(held_back) = refusals.check(&remote.ip()) {
+            tracing::warn!(%remote, agent = ?agent.map(SpiffeId::as_str), reason = why.describe(),
+                held_back, "agent API connection refused");
+        }
+    };
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -349,21 +402,12 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let refused = |why: Refusal| {
-                if let Some(held_back) = refusals.check(&remote.ip()) {
-                    tracing::warn!(%remote, reason = why.describe(), held_back, "agent API connection refused");
-                }
-            };
-            let slot = match gate.unauthenticated(remote.ip()) {
+            let handshake_slot = match gate.handshake(remote.ip()) {
                 Ok(slot) => slot,
                 Err(why) => {
-                    refused(why);
+                    refused(remote, None, why);
                     continue;
                 }
-            };
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                refused(Refusal::Handshakes);
-                continue;
             };
             let _ = tcp.set_nodelay(true);
             // Dead peers are found by HTTP/2 pings; TCP keepalive also covers a peer
@@ -372,11 +416,11 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
             let conn_tx = tx.clone();
             let gate = gate.clone();
-            let refusals = refusals.clone();
+            let refused = refused.clone();
             tokio::spawn(async move {
                 let handshake =
                     tokio::time::timeout(gate.limits.handshake_timeout, acceptor.accept(tcp)).await;
-                drop(permit);
+                drop(handshake_slot);
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
@@ -389,24 +433,25 @@ pub fn incoming(
                     }
                 };
                 let client = ClientCert::read(stream.get_ref().1.peer_certificates());
-                let (slot, close_at) = match &client {
-                    ClientCert::Svid(svid) => match gate.agent(&svid.spiffe_id) {
-                        // Authenticated now: it leaves the unauthenticated count.
-                        Ok(agent_slot) => (agent_slot, None),
-                        Err(why) => {
-                            if let Some(held_back) = refusals.check(&remote.ip()) {
-                                tracing::warn!(%remote, agent = %svid.spiffe_id, reason = why.describe(),
-                                    held_back, "agent API connection refused");
-                            }
-                            return;
-                        }
-                    },
-                    ClientCert::None | ClientCert::Invalid(_) => (
-                        slot,
-                        Some(Box::pin(tokio::time::sleep(
-                            gate.limits.unauthenticated_lifetime,
-                        ))),
-                    ),
+                let taken = match &client {
+                    ClientCert::Svid(svid) => gate
+                        .agent(&svid.spiffe_id)
+                        .map(|slot| (slot, None))
+                        .map_err(|why| (Some(svid.spiffe_id.clone()), why)),
+                    ClientCert::None | ClientCert::Invalid(_) => gate
+                        .unauthenticated(remote.ip())
+                        .map(|slot| {
+                            let lifetime = gate.limits.unauthenticated_lifetime;
+                            (slot, Some(Box::pin(tokio::time::sleep(lifetime))))
+                        })
+                        .map_err(|why| (None, why)),
+                };
+                let (slot, close_at) = match taken {
+                    Ok(taken) => taken,
+                    Err((agent, why)) => {
+                        refused(remote, agent.as_ref(), why);
+                        return;
+                    }
                 };
                 let conn = TlsConn {
                     stream,
@@ -459,6 +504,29 @@ mod tests {
         // A closed connection gives its place back.
         drop(first);
         g.unauthenticated(a).expect("freed");
+    }
+
+    #[test]
+    fn handshakes_are_capped_globally_and_per_address() {
+        let g = gate(Limits {
+            max_handshakes: 2,
+            max_handshakes_per_ip: 1,
+            ..Limits::default()
+        });
+        let a: IpAddr = "192.0.2.1".parse().expect("ip");
+        let b: IpAddr = "192.0.2.2".parse().expect("ip");
+        let c: IpAddr = "192.0.2.3".parse().expect("ip");
+        let first = g.handshake(a).expect("1");
+        assert_eq!(
+            g.handshake(a).expect_err("per ip"),
+            Refusal::HandshakesPerIp
+        );
+        let _second = g.handshake(b).expect("2");
+        assert_eq!(g.handshake(c).expect_err("global"), Refusal::Handshakes);
+        // Handshakes and unauthenticated connections are counted apart.
+        let _unauth = g.unauthenticated(c).expect("not a handshake");
+        drop(first);
+        g.handshake(c).expect("freed");
     }
 
     #[test]

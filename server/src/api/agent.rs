@@ -604,8 +604,11 @@ mod tests {
 
     /// A connection's view, as the TLS layer would attach it.
     fn conn(chain: Option<&[Vec<u8>]>) -> PeerInfo {
-        let certs: Option<Vec<CertificateDer<'_>>> =
-            chain.map(|c| c.iter().map(|d| CertificateDer::from(d.as_slice())).collect());
+        let certs: Option<Vec<CertificateDer<'_>>> = chain.map(|c| {
+            c.iter()
+                .map(|d| CertificateDer::from(d.as_slice()))
+                .collect()
+        });
         PeerInfo {
             remote: SocketAddr::from(([192, 0, 2, 1], 4000)),
             client: Arc::new(ClientCert::read(certs.as_deref())),
@@ -709,7 +712,9 @@ mod tests {
             .sign(on(&current, SignX509SvidsRequest { requests: vec![] }))
             .await
             .expect("S3 works");
-        let status = renew(&f, &old).await.expect_err("stolen S1 after S3 was used");
+        let status = renew(&f, &old)
+            .await
+            .expect_err("stolen S1 after S3 was used");
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
         assert!(status.message().contains("superseded"), "{status:?}");
         // The holder of S1 could not lock the current SVID out.
@@ -752,7 +757,10 @@ mod tests {
         );
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().len() < 200, "{}", status.message().len());
-        assert!(!status.message().chars().any(char::is_control), "{status:?}");
+        assert!(
+            !status.message().chars().any(char::is_control),
+            "{status:?}"
+        );
     }
 
     #[tokio::test]
@@ -830,12 +838,7 @@ mod tests {
             .to_vec();
         let mut req = attest_req("curve-token");
         req.csr = p384;
-        let status = Status::from(
-            f.api
-                .attest(on(&conn(None), req))
-                .await
-                .expect_err("P-384"),
-        );
+        let status = Status::from(f.api.attest(on(&conn(None), req)).await.expect_err("P-384"));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("P-384"), "{status:?}");
         // The token was not spent by the refused attempt.
