@@ -317,7 +317,7 @@ mod tests {
         let mut e2 = entry(2, "spiffe://td/job", "spiffe://td/runner", &["unix:uid:9"]);
         e2.revision_number = 1;
         after.upsert(e2);
-        // A new entry created "earlier" (same second as the oldest) still sorts by time.
+        // A new entry goes after the older ones.
         after.upsert(entry(
             7,
             "spiffe://td/late",
@@ -385,7 +385,10 @@ mod tests {
         );
         let a = Selector::parse("a:1").expect("sel");
         let b = Selector::parse("b:2").expect("sel");
-        assert_eq!(snap.aliases(&[a.clone()]), vec![id("spiffe://td/one")]);
+        assert_eq!(
+            snap.aliases(std::slice::from_ref(&a)),
+            vec![id("spiffe://td/one")]
+        );
         assert_eq!(
             snap.aliases(&[b, a]),
             vec![id("spiffe://td/both"), id("spiffe://td/one")]

@@ -71,7 +71,11 @@ async fn serve(config: ServerConfig) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lanyard-server: {e}");
-            return ExitCode::FAILURE;
+            return if e.is_config() {
+                ExitCode::from(lanyard_daemon::EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     lanyard_daemon::notify::ready(&format!("serving the agent API on {}", running.agent_addr));

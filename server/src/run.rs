@@ -31,7 +31,7 @@ const SERVER_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
 /// path for several servers sharing a datastore.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// How often expired unused join tokens are pruned.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// How often readiness is re-evaluated (with a small datastore write).
 const PROBE_INTERVAL: Duration = Duration::from_secs(3);
 /// A datastore write slower than this counts as failing.
@@ -78,6 +78,25 @@ pub enum RunError {
     Tls(#[from] crate::tls::TlsError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+impl RunError {
+    /// Whether the operator must change something before a restart can help (a path that
+    /// is unsafe or unusable), so the daemon exits with `EXIT_CONFIG` and systemd does not
+    /// restart it in a loop.
+    pub fn is_config(&self) -> bool {
+        match self {
+            RunError::DataDir(e) => !matches!(e, FsError::Io { .. }),
+            RunError::AdminSocket { .. } | RunError::HealthBind { .. } => true,
+            RunError::Locked(LockError::Fs(e)) => !matches!(e, FsError::Io { .. }),
+            RunError::Locked(_)
+            | RunError::Bind { .. }
+            | RunError::Ca(_)
+            | RunError::Store(_)
+            | RunError::Tls(_)
+            | RunError::Serve(_) => false,
+        }
+    }
 }
 
 /// The admin socket's directory and name.

@@ -4,6 +4,7 @@
 
 mod demo_script;
 mod python_client;
+mod server_agent_api;
 mod server_and_cli;
 mod systemd_units;
 mod workload_clients;
