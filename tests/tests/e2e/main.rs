@@ -6,5 +6,7 @@ mod demo_script;
 mod python_client;
 mod server_agent_api;
 mod server_and_cli;
+mod server_registration;
+mod server_tokens;
 mod systemd_units;
 mod workload_clients;
