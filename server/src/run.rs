@@ -88,7 +88,12 @@ impl RunError {
         match self {
             RunError::DataDir(e) => !matches!(e, FsError::Io { .. }),
             RunError::AdminSocket { .. } | RunError::HealthBind { .. } => true,
-            RunError::Locked(LockError::Fs(e)) => !matches!(e, FsError::Io { .. }),
+            RunError::Locked(LockError::Fs(e)) | RunError::Ca(crate::ca::CaError::Fs(e)) => {
+                !matches!(e, FsError::Io { .. })
+            }
+            RunError::Ca(crate::ca::CaError::BadKey(_) | crate::ca::CaError::BadCert { .. }) => {
+                true
+            }
             RunError::Locked(_)
             | RunError::Bind { .. }
             | RunError::Ca(_)
