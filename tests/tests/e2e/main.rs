@@ -7,6 +7,7 @@ mod python_client;
 mod server_agent_api;
 mod server_and_cli;
 mod server_data_dir;
+mod server_operations;
 mod server_registration;
 mod server_tokens;
 mod systemd_units;
