@@ -69,6 +69,10 @@ pub struct BatchError {
 /// lock is never held for long.
 pub const PRUNE_BATCH: u32 = 100;
 
+/// How long an expired join token's digest is kept, so that using it is refused as
+/// "expired" (which tells the operator what to do) rather than "unknown".
+pub const EXPIRED_TOKEN_RETENTION_SECS: i64 = 24 * 3600;
+
 /// Shared server state. Cheap to clone (`Arc` inside).
 #[derive(Debug, Clone)]
 pub struct State(Arc<Inner>);
@@ -335,8 +339,8 @@ impl State {
         Ok(())
     }
 
-    /// Removes join tokens that expired unused, with their alias entries, a small batch
-    /// at a time. Returns how many alias entries went.
+    /// Removes the alias entries of join tokens that expired unused, and forgets tokens
+    /// expired for a day, a small batch at a time. Returns how many alias entries went.
     pub async fn prune_join_tokens(&self) -> StoreResult<usize> {
         let mut removed_total = 0;
         loop {
@@ -344,7 +348,11 @@ impl State {
                 let _guard = self.publish.lock().await;
                 let removed = self
                     .store
-                    .prune_join_tokens(self.now(), PRUNE_BATCH)
+                    .prune_join_tokens(
+                        self.now(),
+                        self.now() - EXPIRED_TOKEN_RETENTION_SECS,
+                        PRUNE_BATCH,
+                    )
                     .await?;
                 if !removed.is_empty() {
                     self.apply(|s| {

@@ -164,9 +164,16 @@ pub trait DataStore: Send + Sync + 'static {
         token_hash: Option<&str>,
         now: i64,
     ) -> StoreResult<Result<(), AttestRefusal>>;
-    /// Removes up to `limit` join tokens that expired unused (with their alias
-    /// entries), and expired used tokens whose agent is gone. Returns the removed entries.
-    async fn prune_join_tokens(&self, now: i64, limit: u32) -> StoreResult<Vec<Entry>>;
+    /// Removes the alias entries of up to `limit` join tokens that expired unused by
+    /// `now`, and forgets up to `limit` tokens that expired before `forget_before`
+    /// (unused ones, and used ones whose agent is gone). Until a token is forgotten, its
+    /// digest still answers "expired" rather than "unknown". Returns the removed entries.
+    async fn prune_join_tokens(
+        &self,
+        now: i64,
+        forget_before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Entry>>;
 
     /// Records a renewed agent SVID, but only if the agent still exists and `presented`
     /// is its current serial, or its previous serial while the current one is unused;

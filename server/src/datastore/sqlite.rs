@@ -328,45 +328,40 @@ impl DataStore for SqliteStore {
         Ok(Ok(()))
     }
 
-    async fn prune_join_tokens(&self, now: i64, limit: u32) -> StoreResult<Vec<Entry>> {
+    async fn prune_join_tokens(
+        &self,
+        now: i64,
+        forget_before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Entry>> {
         let mut tx = self.pool.begin().await?;
-        let expired: Vec<(String, Option<String>)> = sqlx::query(
-            "SELECT token_hash, alias_entry_id FROM join_tokens
-             WHERE expires_at <= ? AND used_at IS NULL LIMIT ?",
+        // The alias entries of tokens that expired unused go at once (ON DELETE SET NULL
+        // unlinks them from their token).
+        let rows = sqlx::query(
+            "DELETE FROM entries WHERE id IN (
+                 SELECT alias_entry_id FROM join_tokens
+                 WHERE expires_at <= ? AND used_at IS NULL AND alias_entry_id IS NOT NULL
+                 LIMIT ?)
+             RETURNING *",
         )
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("token_hash")?, r.try_get("alias_entry_id")?)))
-        .collect::<StoreResult<_>>()?;
-        let mut removed = Vec::new();
-        for (hash, alias) in &expired {
-            if let Some(alias) = alias {
-                let row = sqlx::query("DELETE FROM entries WHERE id = ? RETURNING *")
-                    .bind(alias)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if let Some(row) = row {
-                    removed.push(entry_from_row(&row)?);
-                }
-            }
-            sqlx::query("DELETE FROM join_tokens WHERE token_hash = ?")
-                .bind(hash)
-                .execute(&mut *tx)
-                .await?;
-        }
-        // A used token's row only links its agent's alias entry; once it has expired and
-        // its agent is gone, nothing needs it.
+        .await?;
+        let removed = rows
+            .iter()
+            .map(entry_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        // The tokens themselves are forgotten later: unused ones, and used ones whose
+        // agent is gone (a used token's row only links its agent's alias entry).
         sqlx::query(
             "DELETE FROM join_tokens WHERE rowid IN (
                  SELECT rowid FROM join_tokens
-                 WHERE expires_at <= ? AND used_at IS NOT NULL
-                   AND used_by NOT IN (SELECT spiffe_id FROM agents)
+                 WHERE expires_at <= ?
+                   AND (used_at IS NULL OR used_by NOT IN (SELECT spiffe_id FROM agents))
                  LIMIT ?)",
         )
-        .bind(now)
+        .bind(forget_before)
         .bind(i64::from(limit))
         .execute(&mut *tx)
         .await?;
@@ -730,11 +725,34 @@ mod tests {
             .await
             .expect("attest")
             .expect("accepted");
-        assert!(s.prune_join_tokens(99, 10).await.expect("prune").is_empty());
+        assert!(
+            s.prune_join_tokens(99, 0, 10)
+                .await
+                .expect("prune")
+                .is_empty()
+        );
         // Small batches: two at a time.
-        assert_eq!(s.prune_join_tokens(100, 2).await.expect("prune").len(), 2);
-        assert_eq!(s.prune_join_tokens(100, 2).await.expect("prune").len(), 2);
-        assert!(s.prune_join_tokens(100, 2).await.expect("prune").is_empty());
+        assert_eq!(
+            s.prune_join_tokens(100, 0, 2).await.expect("prune").len(),
+            2
+        );
+        assert_eq!(
+            s.prune_join_tokens(100, 0, 2).await.expect("prune").len(),
+            2
+        );
+        assert!(
+            s.prune_join_tokens(100, 0, 2)
+                .await
+                .expect("prune")
+                .is_empty()
+        );
+        // Until they are forgotten, expired tokens still say so.
+        assert_eq!(
+            s.record_attestation(&agent("late", "03"), Some("01aa"), 150)
+                .await
+                .expect("attest"),
+            Err(AttestRefusal::TokenExpired)
+        );
         let left = s.list_entries().await.expect("list");
         assert_eq!(
             left.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
@@ -744,7 +762,14 @@ mod tests {
         let removed = s.evict_agent(&used_by.spiffe_id).await.expect("evict");
         assert_eq!(removed.map(|r| r.len()), Some(1));
         assert!(s.list_entries().await.expect("list").is_empty());
-        s.prune_join_tokens(100, 10).await.expect("prune");
+        s.prune_join_tokens(200, 101, 10).await.expect("prune");
+        assert_eq!(
+            s.record_attestation(&agent("late", "03"), Some("01aa"), 250)
+                .await
+                .expect("attest"),
+            Err(AttestRefusal::TokenUnknown),
+            "forgotten"
+        );
         assert_eq!(
             s.record_attestation(&agent("again", "02"), Some("00aa"), 50)
                 .await

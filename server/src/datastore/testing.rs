@@ -70,8 +70,13 @@ impl DataStore for TestStore {
     ) -> StoreResult<Result<(), AttestRefusal>> {
         self.inner.record_attestation(a, t, now).await
     }
-    async fn prune_join_tokens(&self, now: i64, limit: u32) -> StoreResult<Vec<Entry>> {
-        self.inner.prune_join_tokens(now, limit).await
+    async fn prune_join_tokens(
+        &self,
+        now: i64,
+        forget: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Entry>> {
+        self.inner.prune_join_tokens(now, forget, limit).await
     }
     async fn renew_agent(&self, i: &SpiffeId, p: &str, s: &str, e: i64) -> StoreResult<bool> {
         self.inner.renew_agent(i, p, s, e).await

@@ -98,7 +98,11 @@ fn a_data_dir_of_another_user_or_open_to_others_is_refused() {
         &mut server_command(&theirs, &admin),
         &["data_dir", "owned by uid 65534"],
     );
-    assert_eq!(code, Some(78), "an unsafe data_dir is a configuration error");
+    assert_eq!(
+        code,
+        Some(78),
+        "an unsafe data_dir is a configuration error"
+    );
     for loose in [0o770, 0o707, 0o750] {
         let open = mkdir(&dir.path().join(format!("open-{loose:o}")), loose);
         refused_start(&mut server_command(&open, &admin), &["chmod 700"]);
@@ -130,7 +134,10 @@ fn symlinks_planted_at_the_ca_key_or_the_datastore_are_refused_never_followed() 
     let fresh = mkdir(&dir.path().join("fresh"), 0o700);
     let target = dir.path().join("attacker-reads-this.key");
     symlink(&target, fresh.join("ca.key")).expect("plant");
-    refused_start(&mut server_command(&fresh, &admin), &["ca.key", "symbolic link"]);
+    refused_start(
+        &mut server_command(&fresh, &admin),
+        &["ca.key", "symbolic link"],
+    );
     assert!(!target.exists(), "the CA key was written through the link");
 
     // An existing data_dir: each file in turn replaced by a link to a victim file.
@@ -156,7 +163,11 @@ fn symlinks_planted_at_the_ca_key_or_the_datastore_are_refused_never_followed() 
             &mut server_command(&data, &server.admin_socket),
             &[name, "symbolic link"],
         );
-        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious", "{name}");
+        assert_eq!(
+            std::fs::read(&victim).expect("victim"),
+            b"precious",
+            "{name}"
+        );
         std::fs::remove_file(&path).expect("unplant");
         if had {
             std::fs::rename(&saved, &path).expect("restore");
@@ -212,8 +223,17 @@ fn the_datastore_and_every_file_the_server_makes_are_private_whatever_the_umask(
         .filter_map(Result::ok)
         .map(|e| e.path())
         .collect();
-    for must in ["datastore.sqlite3", "datastore.sqlite3-wal", "datastore.sqlite3-shm", "ca.key", "ca.pem"] {
-        assert!(files.contains(&data.join(must)), "{must} missing: {files:?}");
+    for must in [
+        "datastore.sqlite3",
+        "datastore.sqlite3-wal",
+        "datastore.sqlite3-shm",
+        "ca.key",
+        "ca.pem",
+    ] {
+        assert!(
+            files.contains(&data.join(must)),
+            "{must} missing: {files:?}"
+        );
     }
     for f in &files {
         assert_eq!(mode(f), 0o600, "{} under umask 000", f.display());
@@ -248,7 +268,12 @@ fn a_second_server_on_the_same_data_dir_or_admin_socket_is_refused() {
     // The first server keeps serving on its socket, which nobody unlinked.
     assert!(first.admin_socket.exists());
     ok(&mut first.cli(&["healthcheck"]));
-    first.create_entry("spiffe://example.org/still", "spiffe://example.org/p", &["unix:uid:1"], &[]);
+    first.create_entry(
+        "spiffe://example.org/still",
+        "spiffe://example.org/p",
+        &["unix:uid:1"],
+        &[],
+    );
 }
 
 #[test]
@@ -282,7 +307,8 @@ fn another_uid_cannot_use_the_admin_socket() {
     assert!(!out.status.success(), "uid 65534 used the admin API");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.starts_with("lanyard-server: cannot reach the server") && stderr.contains("ermission denied"),
+        stderr.starts_with("lanyard-server: cannot reach the server")
+            && stderr.contains("ermission denied"),
         "{stderr}"
     );
 }

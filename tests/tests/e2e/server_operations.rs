@@ -125,13 +125,22 @@ fn readiness_over_http_and_grpc_follows_the_datastore() {
     let (code, body) = get(&health, "/live");
     assert_eq!(code, 200, "{body}");
     let (code, body) = get(&health, "/ready");
-    assert_eq!((code, json(&body)), (200, serde_json::json!({"ready": true, "reasons": []})));
-    assert_eq!(grpc_health(&server.admin_socket, ""), ServingStatus::Serving as i32);
+    assert_eq!(
+        (code, json(&body)),
+        (200, serde_json::json!({"ready": true, "reasons": []}))
+    );
+    assert_eq!(
+        grpc_health(&server.admin_socket, ""),
+        ServingStatus::Serving as i32
+    );
     assert_eq!(
         grpc_health(&server.admin_socket, ADMIN_SERVICE),
         ServingStatus::Serving as i32
     );
-    assert_eq!(healthcheck(&server).expect("healthy").trim(), "Server is healthy.");
+    assert_eq!(
+        healthcheck(&server).expect("healthy").trim(),
+        "Server is healthy."
+    );
 
     // Another process takes the datastore's write lock: writes fail, the server says so.
     let mut holder = Command::new(python())
@@ -155,7 +164,10 @@ fn readiness_over_http_and_grpc_follows_the_datastore() {
     let reason = v["reasons"][0].as_str().expect("reason").to_string();
     assert!(reason.starts_with("the datastore"), "{reason}");
     assert_eq!(get(&health, "/live").0, 200, "still live");
-    assert_eq!(grpc_health(&server.admin_socket, ""), ServingStatus::NotServing as i32);
+    assert_eq!(
+        grpc_health(&server.admin_socket, ""),
+        ServingStatus::NotServing as i32
+    );
     let why = healthcheck(&server).expect_err("not healthy");
     let lines: Vec<&str> = why.lines().collect();
     assert_eq!(lines.len(), 1, "{why}");
@@ -170,7 +182,10 @@ fn readiness_over_http_and_grpc_follows_the_datastore() {
     wait_until("/ready to turn 200 again", Duration::from_secs(30), || {
         get(&health, "/ready").0 == 200
     });
-    assert_eq!(grpc_health(&server.admin_socket, ADMIN_SERVICE), ServingStatus::Serving as i32);
+    assert_eq!(
+        grpc_health(&server.admin_socket, ADMIN_SERVICE),
+        ServingStatus::Serving as i32
+    );
     healthcheck(&server).expect("healthy again");
 }
 
@@ -198,13 +213,21 @@ fn the_server_is_not_ready_once_its_ca_expired() {
     let not_after = cert.validity().not_after.timestamp();
     assert!(not_after <= unix_now() + 21, "ca_ttl 20s");
     healthcheck(&server).expect("healthy while the CA is valid");
-    wait_until("the CA to expire", Duration::from_secs(30), || unix_now() > not_after);
+    wait_until("the CA to expire", Duration::from_secs(30), || {
+        unix_now() > not_after
+    });
     wait_until("/ready to turn 503", Duration::from_secs(15), || {
         get(&health, "/ready").0 == 503
     });
     let why = healthcheck(&server).expect_err("an expired CA is not healthy");
-    assert!(why.contains("the CA expired at") && why.contains('T'), "{why}");
-    assert_eq!(grpc_health(&server.admin_socket, ""), ServingStatus::NotServing as i32);
+    assert!(
+        why.contains("the CA expired at") && why.contains('T'),
+        "{why}"
+    );
+    assert_eq!(
+        grpc_health(&server.admin_socket, ""),
+        ServingStatus::NotServing as i32
+    );
 }
 
 #[test]
@@ -274,12 +297,22 @@ fn validate_checks_the_configuration_and_data_dir_without_starting() {
         ),
     );
     let out = validate(&good, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(stdout.starts_with("configuration is valid: trust domain example.org"), "{stdout}");
+    assert!(
+        stdout.starts_with("configuration is valid: trust domain example.org"),
+        "{stdout}"
+    );
     assert!(!data.exists(), "validate created the data_dir");
-    assert!(!dir.path().join("run").exists(), "validate created the socket directory");
+    assert!(
+        !dir.path().join("run").exists(),
+        "validate created the socket directory"
+    );
 
     let failing = |out: std::process::Output, needles: &[&str]| {
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -290,12 +323,21 @@ fn validate_checks_the_configuration_and_data_dir_without_starting() {
             assert!(lines[0].contains(n), "{stderr} lacks {n}");
         }
     };
-    let syntax = write("syntax.toml", "trust_domain = \"example.org\"\nagent_ttl = \n");
+    let syntax = write(
+        "syntax.toml",
+        "trust_domain = \"example.org\"\nagent_ttl = \n",
+    );
     failing(validate(&syntax, &[]), &["syntax.toml", "line 2, column"]);
-    let unknown = write("unknown.toml", "trust_domain = \"example.org\"\n[health]\nport = 80\n");
+    let unknown = write(
+        "unknown.toml",
+        "trust_domain = \"example.org\"\n[health]\nport = 80\n",
+    );
     failing(validate(&unknown, &[]), &["unknown.toml", "line 3", "port"]);
     // Flags override the file, and are checked the same way.
-    failing(validate(&good, &["--agent-ttl", "3s"]), &["agent_ttl", "at least 10"]);
+    failing(
+        validate(&good, &["--agent-ttl", "3s"]),
+        &["agent_ttl", "at least 10"],
+    );
     // An existing data_dir is checked like `run` would.
     std::fs::create_dir(&data).expect("mkdir");
     std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777))
@@ -324,7 +366,14 @@ fn cli_output_survives_a_closed_pipe_and_shows_rfc3339_times() {
         })
         .collect();
     std::fs::write(&file, serde_json::json!({ "entries": entries }).to_string()).expect("write");
-    ok(&mut server.cli(&["entry", "create", "--data", file.to_str().expect("utf-8"), "--output", "json"]));
+    ok(&mut server.cli(&[
+        "entry",
+        "create",
+        "--data",
+        file.to_str().expect("utf-8"),
+        "--output",
+        "json",
+    ]));
     // As an operator types it.
     let command = format!(
         "'{}' entry show --admin-socket '{}' | head -1",
@@ -337,10 +386,20 @@ fn cli_output_survives_a_closed_pipe_and_shows_rfc3339_times() {
         "`entry show | head -1` failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Found 401 entries");
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Found 401 entries"
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The same with the reader gone after one line, checked on the CLI process itself.
-    for args in [&["entry", "show"][..], &["entry", "show", "--output", "json"][..]] {
+    for args in [
+        &["entry", "show"][..],
+        &["entry", "show", "--output", "json"][..],
+    ] {
         let mut child = server
             .cli(args)
             .stdout(Stdio::piped())
@@ -352,8 +411,16 @@ fn cli_output_survives_a_closed_pipe_and_shows_rfc3339_times() {
         stdout.read_line(&mut first).expect("first line");
         drop(stdout);
         let out = child.wait_with_output().expect("wait");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.stderr.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     // Times: RFC 3339 UTC in text, Unix seconds in JSON.
@@ -364,16 +431,30 @@ fn cli_output_survives_a_closed_pipe_and_shows_rfc3339_times() {
             && s.as_bytes()[10] == b'T'
             && s.as_bytes()[13] == b':'
     };
-    let text = ok(&mut server.cli(&["entry", "show", "--spiffe-id", "spiffe://example.org/many/7"]));
+    let text = ok(&mut server.cli(&[
+        "entry",
+        "show",
+        "--spiffe-id",
+        "spiffe://example.org/many/7",
+    ]));
     let created = text
         .lines()
         .find_map(|l| l.strip_prefix("Created at       : "))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(rfc3339(created), "{created}");
     let v = json(&ok(&mut server.cli(&[
-        "entry", "show", "--spiffe-id", "spiffe://example.org/many/7", "--output", "json",
+        "entry",
+        "show",
+        "--spiffe-id",
+        "spiffe://example.org/many/7",
+        "--output",
+        "json",
     ])));
-    assert!(v["entries"][0]["created_at"].as_i64().is_some_and(|t| t > 1_700_000_000));
+    assert!(
+        v["entries"][0]["created_at"]
+            .as_i64()
+            .is_some_and(|t| t > 1_700_000_000)
+    );
     let agents = ok(&mut server.cli(&["agent", "list"]));
     for label in ["Attested at      : ", "SVID expires at  : "] {
         let at = agents
@@ -384,5 +465,8 @@ fn cli_output_survives_a_closed_pipe_and_shows_rfc3339_times() {
     }
     let pem = server.bundle_pem();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n") && !pem.contains('\r'));
-    assert_eq!(ok(&mut server.cli(&["entry", "count"])).trim(), "401 entries");
+    assert_eq!(
+        ok(&mut server.cli(&["entry", "count"])).trim(),
+        "401 entries"
+    );
 }
