@@ -55,10 +55,17 @@ pub enum RunError {
     DataDir(#[source] FsError),
     #[error(transparent)]
     Locked(#[from] LockError),
-    #[error("admin socket {path}: {reason}")]
-    AdminSocket {
+    #[error("admin socket {path}: the path has no file name")]
+    AdminSocketName { path: std::path::PathBuf },
+    #[error("admin socket {path}: {source}")]
+    AdminSocketDir {
         path: std::path::PathBuf,
-        reason: String,
+        source: FsError,
+    },
+    #[error("admin socket {path}: {source}")]
+    AdminSocketBind {
+        path: std::path::PathBuf,
+        source: std::io::Error,
     },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -87,7 +94,10 @@ impl RunError {
     pub fn is_config(&self) -> bool {
         match self {
             RunError::DataDir(e) => !matches!(e, FsError::Io { .. }),
-            RunError::AdminSocket { .. } | RunError::HealthBind { .. } => true,
+            RunError::AdminSocketName { .. }
+            | RunError::AdminSocketDir { .. }
+            | RunError::AdminSocketBind { .. }
+            | RunError::HealthBind { .. } => true,
             RunError::Locked(LockError::Fs(e)) | RunError::Ca(crate::ca::CaError::Fs(e)) => {
                 !matches!(e, FsError::Io { .. })
             }
@@ -110,13 +120,12 @@ fn admin_socket_parts(path: &Path) -> Result<(&Path, &str), RunError> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| RunError::AdminSocket {
-            path: path.to_path_buf(),
-            reason: "the path has no file name".into(),
-        })?;
+    let name =
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| RunError::AdminSocketName {
+                path: path.to_path_buf(),
+            })?;
     Ok((dir, name))
 }
 
@@ -124,11 +133,12 @@ fn admin_socket_parts(path: &Path) -> Result<(&Path, &str), RunError> {
 /// second server cannot unlink a live socket.
 fn lock_admin_socket(path: &Path) -> Result<(PrivateDir, InstanceLock), RunError> {
     let (dir, name) = admin_socket_parts(path)?;
-    let dir =
-        PrivateDir::open_or_create(dir, DirMode::Private).map_err(|e| RunError::AdminSocket {
+    let dir = PrivateDir::open_or_create(dir, DirMode::Private).map_err(|source| {
+        RunError::AdminSocketDir {
             path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+            source,
+        }
+    })?;
     let lock = InstanceLock::acquire(
         &dir,
         &lanyard_daemon::uds::lock_name(name),
@@ -143,9 +153,9 @@ fn bind_admin_socket(
     lock: &InstanceLock,
 ) -> Result<UnixListener, RunError> {
     let (_, name) = admin_socket_parts(path)?;
-    lanyard_daemon::uds::bind(dir, name, 0o600, lock).map_err(|e| RunError::AdminSocket {
+    lanyard_daemon::uds::bind(dir, name, 0o600, lock).map_err(|source| RunError::AdminSocketBind {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -163,9 +173,11 @@ pub fn validate(config: &ServerConfig) -> Result<(), RunError> {
     }
     let (admin_dir, _) = admin_socket_parts(&config.admin_socket)?;
     if std::fs::symlink_metadata(admin_dir).is_ok() {
-        PrivateDir::open(admin_dir, DirMode::Private).map_err(|e| RunError::AdminSocket {
-            path: config.admin_socket.clone(),
-            reason: e.to_string(),
+        PrivateDir::open(admin_dir, DirMode::Private).map_err(|source| {
+            RunError::AdminSocketDir {
+                path: config.admin_socket.clone(),
+                source,
+            }
         })?;
     }
     Ok(())

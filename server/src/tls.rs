@@ -73,7 +73,7 @@ pub enum ClientCert {
     /// No certificate: the caller may only attest or fetch the bundle.
     None,
     /// A certificate that chains to the bundle but is no agent X509-SVID.
-    Invalid(String),
+    Invalid(Arc<lanyard_proto::svid::ProfileError>),
     /// An X509-SVID.
     Svid(Svid),
 }
@@ -100,11 +100,15 @@ impl ClientCert {
         };
         let info = match lanyard_proto::svid::check_leaf(leaf, None) {
             Ok(info) => info,
-            Err(e) => return ClientCert::Invalid(e.to_string()),
+            Err(e) => return ClientCert::Invalid(Arc::new(e)),
         };
         let public_key = match x509_parser::parse_x509_certificate(leaf) {
             Ok((_, cert)) => cert.public_key().subject_public_key.data.to_vec(),
-            Err(e) => return ClientCert::Invalid(e.to_string()),
+            Err(e) => {
+                return ClientCert::Invalid(Arc::new(lanyard_proto::svid::ProfileError::Der(
+                    e.to_string(),
+                )));
+            }
         };
         ClientCert::Svid(Svid {
             spiffe_id: info.spiffe_id,

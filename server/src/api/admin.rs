@@ -52,6 +52,10 @@ pub enum AdminError {
     Store(#[from] StoreError),
     #[error("cannot make a join token: the operating system's random source failed")]
     Random,
+    #[error("uid {0} may not use the admin API")]
+    ForeignUid(u32),
+    #[error("admin API caller has no peer credentials")]
+    NoPeerCredentials,
 }
 
 /// Maps a datastore error: the admin's mistakes get their code, faults are INTERNAL.
@@ -87,6 +91,9 @@ impl From<AdminError> for Status {
             | AdminError::AgentBanned { .. }
             | AdminError::NotBanned(_) => Status::not_found(message),
             AdminError::Store(store) => store_status(store, message),
+            AdminError::ForeignUid(_) | AdminError::NoPeerCredentials => {
+                Status::permission_denied(message)
+            }
             AdminError::Random => {
                 tracing::error!(error = %message, "admin API failure");
                 Status::internal(message)
@@ -133,12 +140,8 @@ pub fn authorize_peer(req: Request<()>) -> Result<Request<()>, Status> {
     match uid {
         Some(0) => Ok(req),
         Some(uid) if uid == me => Ok(req),
-        Some(uid) => Err(Status::permission_denied(format!(
-            "uid {uid} may not use the admin API"
-        ))),
-        None => Err(Status::permission_denied(
-            "admin API caller has no peer credentials",
-        )),
+        Some(uid) => Err(AdminError::ForeignUid(uid).into()),
+        None => Err(AdminError::NoPeerCredentials.into()),
     }
 }
 

@@ -40,7 +40,7 @@ pub enum AgentApiError {
     #[error("this call needs the agent's X509-SVID as TLS client certificate")]
     NoClientCertificate,
     #[error("client certificate is not an agent X509-SVID: {0}")]
-    NotAnSvid(String),
+    NotAnSvid(Arc<lanyard_proto::svid::ProfileError>),
     #[error("agent X509-SVID is not valid before {}", lanyard_daemon::output::rfc3339(*.0))]
     NotYetValid(i64),
     #[error("agent X509-SVID expired at {}; the agent must renew before expiry or attest again", lanyard_daemon::output::rfc3339(*.0))]
@@ -78,6 +78,9 @@ pub enum AgentApiError {
     Store(#[from] StoreError),
     #[error("signing task failed: {0}")]
     SigningTask(String),
+    // -- Neither's fault.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 /// Why the datastore refused an attestation, as the agent is told.
@@ -112,6 +115,7 @@ impl From<AgentApiError> for Status {
             | AgentApiError::CsrId { .. }
             | AgentApiError::KeyReused
             | AgentApiError::TooManyCsrs(_) => Status::invalid_argument(message),
+            AgentApiError::ShuttingDown => Status::unavailable(message),
             AgentApiError::Ca(CaError::Expired(_)) => {
                 tracing::error!(error = %message, "agent API: the CA cannot sign");
                 Status::unavailable(message)
@@ -186,7 +190,7 @@ impl AgentApi {
             .ok_or(AgentApiError::NoClientCertificate)?;
         let svid = match &*client {
             ClientCert::None => return Err(AgentApiError::NoClientCertificate),
-            ClientCert::Invalid(why) => return Err(AgentApiError::NotAnSvid(why.clone())),
+            ClientCert::Invalid(why) => return Err(AgentApiError::NotAnSvid(Arc::clone(why))),
             ClientCert::Svid(svid) => svid,
         };
         let now = self.state.now();
@@ -394,7 +398,7 @@ impl AgentApi {
                         expiry.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
                     }
                     () = shutdown.wait() => {
-                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        let _ = tx.send(Err(AgentApiError::ShuttingDown.into())).await;
                         return;
                     }
                     () = tx.closed() => return,
