@@ -36,9 +36,6 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 const PROBE_INTERVAL: Duration = Duration::from_secs(3);
 /// A datastore write slower than this counts as failing.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP/2 pings find dead agents (and let agents find a dead server) within a minute.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams one agent connection may have open at once (an agent uses three).
 const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 /// How long a shutdown waits for open connections to finish; a peer that never speaks
@@ -334,12 +331,16 @@ pub async fn start_with_clock(
 
     let agent_svc = AgentServiceServer::new(agent::AgentApi::new(state.clone(), shutdown.clone()));
     let incoming = crate::tls::incoming(listener, tls.clone(), config.limits.clone());
+    let keepalive = (
+        config.limits.keepalive_interval,
+        config.limits.keepalive_timeout,
+    );
     tasks.spawn({
         let shutdown = shutdown.clone();
         async move {
             tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .http2_keepalive_interval(Some(keepalive.0))
+                .http2_keepalive_timeout(Some(keepalive.1))
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
                 .add_service(agent_svc)
                 .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })

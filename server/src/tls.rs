@@ -13,7 +13,8 @@
 //!   [`Limits::unauthenticated_lifetime`] (it exists to attest, which takes
 //!   milliseconds). Agents with an SVID are not counted there, so a flood of anonymous
 //!   connections does not keep them out;
-//! - at most [`Limits::max_connections_per_agent`] connections per agent SVID ID.
+//! - at most [`Limits::max_connections_per_agent`] connections per agent SVID ID;
+//! - HTTP/2 keepalive pings close connections whose peer went away.
 //!
 //! A connection over a limit is closed at once, and the refusal is logged at most once a
 //! minute per source address.
@@ -50,6 +51,11 @@ pub struct Limits {
     pub max_unauthenticated_per_ip: usize,
     pub unauthenticated_lifetime: Duration,
     pub max_connections_per_agent: usize,
+    /// HTTP/2 pings find a peer that went away without closing its connection (a dead
+    /// runner, a dropped network path): sent this often on an idle connection ...
+    pub keepalive_interval: Duration,
+    /// ... and the connection is closed when one is not answered within this.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -62,6 +68,8 @@ impl Default for Limits {
             max_unauthenticated_per_ip: 16,
             unauthenticated_lifetime: Duration::from_secs(30),
             max_connections_per_agent: 8,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -311,3 +311,87 @@ async fn connections_per_agent_are_capped() {
     }
     running.shutdown().await.expect("shutdown");
 }
+
+/// Forwards one connection to `server` until `frozen` is set; then holds both sockets
+/// open and silent, as a peer that vanished without closing does.
+async fn freezable_proxy(
+    server: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.expect("accept");
+        let upstream = TcpStream::connect(server).await.expect("upstream");
+        let (cr, cw) = client.into_split();
+        let (ur, uw) = upstream.into_split();
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            frozen: Arc<std::sync::atomic::AtomicBool>,
+        ) {
+            use tokio::io::AsyncWriteExt;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let Ok(n) = from.read(&mut buf).await else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Keep both halves, forward nothing, never close.
+                    std::future::pending::<()>().await;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::join!(pump(cr, uw, frozen.clone()), pump(ur, cw, frozen));
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_closes_connections_whose_agent_went_away() {
+    let (_dir, running) = start(Limits {
+        max_connections_per_agent: 1,
+        keepalive_interval: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    })
+    .await;
+    let creds = attest(&running).await;
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = freezable_proxy(running.agent_addr, frozen.clone()).await;
+    let mut via_proxy = client(proxy, Some(&creds)).await;
+    via_proxy
+        .sign_x509_svids(SignX509SvidsRequest { requests: vec![] })
+        .await
+        .expect("served through the proxy");
+    // The agent's one allowed connection is taken: a second one is refused.
+    let mut direct = tls(running.agent_addr, Some(&creds)).await;
+    closed_within(&mut direct, Duration::from_secs(2))
+        .await
+        .expect("over the per-agent cap");
+    // The agent vanishes without closing: only keepalive can find out.
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut again = tls(running.agent_addr, Some(&creds)).await;
+        if closed_within(&mut again, Duration::from_millis(500))
+            .await
+            .is_none()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead connection still holds the agent's place"
+        );
+    }
+    running.shutdown().await.expect("shutdown");
+}
