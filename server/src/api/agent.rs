@@ -159,11 +159,31 @@ pub struct AgentApi {
     /// Open sync streams end with UNAVAILABLE on shutdown, so the graceful shutdown does
     /// not wait for agents to hang up.
     shutdown: lanyard_daemon::shutdown::Shutdown,
+    /// Refused attestations are audited, but at most one line a minute per source
+    /// address (with a count of the rest), so a guessing caller cannot flood the log.
+    refusals: Arc<lanyard_daemon::logging::RateLimit<std::net::IpAddr>>,
 }
 
 impl AgentApi {
     pub fn new(state: State, shutdown: lanyard_daemon::shutdown::Shutdown) -> Self {
-        AgentApi { state, shutdown }
+        AgentApi {
+            state,
+            shutdown,
+            refusals: Arc::new(lanyard_daemon::logging::RateLimit::new(
+                Duration::from_secs(60),
+                4096,
+            )),
+        }
+    }
+
+    /// Audits a refused attestation, rate-limited per source address.
+    fn audit_refusal(&self, remote: Option<std::net::SocketAddr>, e: &AgentApiError) {
+        let ip = remote.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |r| r.ip());
+        if let Some(held_back) = self.refusals.check(&ip) {
+            let remote = remote.map_or_else(|| "unknown".to_string(), |r| r.to_string());
+            tracing::warn!(target: "audit", action = "agent.attest", %remote, outcome = "refused",
+                reason = %e, held_back, "attestation refused");
+        }
     }
 }
 
@@ -297,8 +317,6 @@ impl AgentApi {
                 AttestRefusal::TokenUsed => Refused::TokenUsed,
                 AttestRefusal::TokenExpired => Refused::TokenExpired,
             };
-            tracing::warn!(target: "audit", action = "agent.attest", method = join_token::METHOD, %remote,
-                agent = %agent_id, outcome = "refused", reason = %refused, "node attestation refused");
             return Err(AgentApiError::Attestation(refused));
         }
         tracing::info!(target: "audit", action = "agent.attest", method = join_token::METHOD, agent = %agent_id,
@@ -461,7 +479,11 @@ impl AgentService for AgentApi {
         &self,
         req: Request<AttestAgentRequest>,
     ) -> Result<Response<AttestAgentResponse>, Status> {
-        Ok(self.attest(req).await?)
+        let remote = peer(&req).map(|p| p.remote);
+        self.attest(req).await.map_err(|e| {
+            self.audit_refusal(remote, &e);
+            e.into()
+        })
     }
 
     async fn renew_agent(

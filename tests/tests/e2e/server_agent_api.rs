@@ -244,9 +244,18 @@ fn attestation_is_once_per_connection_and_methods_are_echoed_short() {
         assert!(!message.chars().any(char::is_control), "{message:?}");
         assert!(message.contains("supported: join_token"), "{message}");
     });
+    let log = server.log();
     assert!(
-        !server.log().contains(&"m".repeat(100)),
+        !log.contains(&"m".repeat(100)),
         "the method reached the log unbounded"
+    );
+    // Three refusals from one address within a minute: audited once, the rest counted.
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("action=\"agent.attest\"") && l.contains("outcome=\"refused\""))
+            .count(),
+        1,
+        "refusals are rate-limited per address:\n{log}"
     );
 }
 
