@@ -73,6 +73,16 @@ pub const PRUNE_BATCH: u32 = 100;
 /// "expired" (which tells the operator what to do) rather than "unknown".
 pub const EXPIRED_TOKEN_RETENTION_SECS: i64 = 24 * 3600;
 
+/// A change to an agent that its open sync streams must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// Evicted or banned: its streams end with PERMISSION_DENIED.
+    Gone(SpiffeId),
+    /// Renewed to `serial`: streams opened with an older SVID end, so the agent
+    /// reconnects with the new one (and a copy of the old one loses its stream).
+    Renewed { id: SpiffeId, serial: String },
+}
+
 /// Shared server state. Cheap to clone (`Arc` inside).
 #[derive(Debug, Clone)]
 pub struct State(Arc<Inner>);
@@ -90,7 +100,7 @@ pub struct Inner {
     store: Arc<dyn DataStore>,
     entries: watch::Sender<Arc<EntrySnapshot>>,
     bundle: watch::Sender<Arc<Bundle>>,
-    evictions: broadcast::Sender<SpiffeId>,
+    agent_events: broadcast::Sender<AgentEvent>,
     /// Serializes "change the datastore, then publish", so snapshots never go backwards.
     publish: Mutex<()>,
 }
@@ -158,7 +168,7 @@ impl State {
                 sequence: bundle.sequence,
             }))
             .0,
-            evictions: broadcast::channel(64).0,
+            agent_events: broadcast::channel(256).0,
             publish: Mutex::new(()),
         })))
     }
@@ -185,8 +195,8 @@ impl State {
         self.bundle.subscribe()
     }
 
-    pub fn watch_evictions(&self) -> broadcast::Receiver<SpiffeId> {
-        self.evictions.subscribe()
+    pub fn watch_agents(&self) -> broadcast::Receiver<AgentEvent> {
+        self.agent_events.subscribe()
     }
 
     pub async fn agent(&self, id: &SpiffeId) -> StoreResult<Option<AgentRecord>> {
@@ -434,9 +444,17 @@ impl State {
         serial: &str,
         expires_at: i64,
     ) -> StoreResult<bool> {
-        self.store
+        let renewed = self
+            .store
             .renew_agent(id, presented, serial, expires_at)
-            .await
+            .await?;
+        if renewed {
+            let _ = self.agent_events.send(AgentEvent::Renewed {
+                id: id.clone(),
+                serial: serial.to_string(),
+            });
+        }
+        Ok(renewed)
     }
 
     /// The agent used its current SVID: its previous one stops being accepted.
@@ -456,7 +474,7 @@ impl State {
                 s.remove(&e.id);
             }
         });
-        let _ = self.evictions.send(id.clone());
+        let _ = self.agent_events.send(AgentEvent::Gone(id.clone()));
         Ok(true)
     }
 
@@ -469,7 +487,7 @@ impl State {
                 s.remove(&e.id);
             }
         });
-        let _ = self.evictions.send(id.clone());
+        let _ = self.agent_events.send(AgentEvent::Gone(id.clone()));
         Ok(banned)
     }
 

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use super::convert::entry_to_proto;
 use crate::ca::{CaError, CsrError, VerifiedCsr};
 use crate::datastore::{AgentRecord, AttestRefusal, Entry, StoreError};
-use crate::state::State;
+use crate::state::{AgentEvent, State};
 use crate::tls::{ClientCert, PeerInfo};
 
 /// More CSRs than this in one call is refused; agents split larger batches.
@@ -355,9 +355,10 @@ impl AgentApi {
         let api = self.clone();
         let mut entries_rx = self.state.watch_entries();
         let mut bundle_rx = self.state.watch_bundle();
-        let mut evictions = self.state.watch_evictions();
+        let mut agent_events = self.state.watch_agents();
         let shutdown = self.shutdown.clone();
         let agent_id = caller.record.spiffe_id.clone();
+        let serial = caller.serial.clone();
         let not_after = caller.not_after;
         // The stream lives no longer than the SVID that opened it.
         let expires_in =
@@ -392,17 +393,24 @@ impl AgentApi {
                 tokio::select! {
                     changed = entries_rx.changed() => if changed.is_err() { return },
                     changed = bundle_rx.changed() => if changed.is_err() { return },
-                    evicted_id = evictions.recv() => match evicted_id {
-                        Ok(id) if id == agent_id => {
+                    event = agent_events.recv() => match event {
+                        Ok(AgentEvent::Gone(id)) if id == agent_id => {
                             let _ = tx.send(Err(evicted())).await;
                             return;
                         }
+                        // The agent renewed: end this stream cleanly so it reconnects
+                        // with its new SVID (and a copy of the old one has no stream).
+                        Ok(AgentEvent::Renewed { id, serial: new }) if id == agent_id && new != serial => return,
                         Ok(_) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            // Missed evictions: ask the datastore whether this agent is one.
-                            if matches!(api.state.agent(&agent_id).await, Ok(None)) {
-                                let _ = tx.send(Err(evicted())).await;
-                                return;
+                            // Missed events: ask the datastore about this agent.
+                            match api.state.agent(&agent_id).await {
+                                Ok(None) => {
+                                    let _ = tx.send(Err(evicted())).await;
+                                    return;
+                                }
+                                Ok(Some(now)) if now.serial != serial => return,
+                                Ok(Some(_)) | Err(_) => {}
                             }
                         }
                         Err(_) => return,
@@ -745,6 +753,44 @@ mod tests {
         assert!(status.message().contains("superseded"), "{status:?}");
         // The holder of S1 could not lock the current SVID out.
         renew(&f, &current).await.expect("S3 still renews");
+    }
+
+    #[tokio::test]
+    async fn streams_end_when_their_agent_renews_or_is_evicted() {
+        use tokio_stream::StreamExt;
+        let f = fixture().await;
+        let (id, s1) = attested(&f, "stream-token").await;
+        let old = conn(Some(&s1));
+        let mut stream = f
+            .api
+            .sync(on(&old, SyncEntriesRequest {}))
+            .await
+            .expect("sync")
+            .into_inner();
+        stream.next().await.expect("first message").expect("ok");
+        let s2 = renew(&f, &old).await.expect("renew");
+        // Ended cleanly: the agent reconnects with the SVID it just got.
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the stream ends once the agent renewed");
+        assert!(ended.is_none(), "{ended:?}");
+        let mut current = f
+            .api
+            .sync(on(&conn(Some(&s2)), SyncEntriesRequest {}))
+            .await
+            .expect("sync with the new SVID")
+            .into_inner();
+        current.next().await.expect("first message").expect("ok");
+        f.state
+            .evict_agent(&SpiffeId::parse(&id).expect("id"))
+            .await
+            .expect("evict");
+        let status = tokio::time::timeout(Duration::from_secs(5), current.next())
+            .await
+            .expect("the stream ends on eviction")
+            .expect("an item")
+            .expect_err("an error");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     }
 
     #[tokio::test]
