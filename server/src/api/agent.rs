@@ -367,19 +367,19 @@ impl AgentApi {
         tokio::spawn(async move {
             let expiry = tokio::time::sleep(expires_in);
             tokio::pin!(expiry);
-            let mut last_sent: Option<(Vec<(String, i64)>, u64)> = None;
+            // What was sent last. Unchanged entries keep their `Arc` from snapshot to
+            // snapshot, so comparing pointers finds a change without comparing contents.
+            let mut last_sent: Option<(Vec<Arc<Entry>>, u64)> = None;
             loop {
                 entries_rx.borrow_and_update();
                 let bundle = bundle_rx.borrow_and_update().clone();
                 let entries = api.authorized(&caller.record);
-                let key = (
-                    entries
-                        .iter()
-                        .map(|e| (e.id.clone(), e.revision_number))
-                        .collect::<Vec<_>>(),
-                    bundle.sequence,
-                );
-                if last_sent.as_ref() != Some(&key) {
+                let unchanged = last_sent.as_ref().is_some_and(|(sent, sequence)| {
+                    *sequence == bundle.sequence
+                        && sent.len() == entries.len()
+                        && sent.iter().zip(&entries).all(|(a, b)| Arc::ptr_eq(a, b))
+                });
+                if !unchanged {
                     let msg = SyncEntriesResponse {
                         entries: entries.iter().map(|e| entry_to_proto(e)).collect(),
                         bundle: Some(bundle.to_proto(&api.state.trust_domain)),
@@ -387,7 +387,7 @@ impl AgentApi {
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
-                    last_sent = Some(key);
+                    last_sent = Some((entries, bundle.sequence));
                 }
                 let evicted = || Status::from(AgentApiError::NotAttested(agent_id.clone()));
                 tokio::select! {
@@ -791,6 +791,56 @@ mod tests {
             .expect("an item")
             .expect_err("an error");
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn streams_push_only_changes_that_concern_their_agent() {
+        use tokio_stream::StreamExt;
+        let f = fixture().await;
+        let (id, chain) = attested(&f, "push-token").await;
+        let mut stream = f
+            .api
+            .sync(on(&conn(Some(&chain)), SyncEntriesRequest {}))
+            .await
+            .expect("sync")
+            .into_inner();
+        let first = stream.next().await.expect("first").expect("ok");
+        assert!(first.entries.is_empty());
+        let entry = |n: u32, parent: &str| Entry {
+            id: format!("e{n}"),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/w{n}")).expect("id"),
+            parent_id: SpiffeId::parse(parent).expect("id"),
+            selectors: vec![lanyard_proto::Selector::parse("unix:uid:1").expect("sel")],
+            x509_svid_ttl: 0,
+            dns_names: vec![],
+            hint: String::new(),
+            created_at: n.into(),
+            revision_number: 0,
+        };
+        f.state
+            .create_entry(entry(1, "spiffe://example.org/someone-else"))
+            .await
+            .expect("create");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), stream.next())
+                .await
+                .is_err(),
+            "a change for another agent is not pushed"
+        );
+        f.state.create_entry(entry(2, &id)).await.expect("create");
+        let pushed = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("pushed")
+            .expect("item")
+            .expect("ok");
+        assert_eq!(
+            pushed
+                .entries
+                .iter()
+                .map(|e| e.id.as_str())
+                .collect::<Vec<_>>(),
+            ["e2"]
+        );
     }
 
     #[tokio::test]
