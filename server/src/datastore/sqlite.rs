@@ -39,6 +39,13 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(SqliteStore { pool })
     }
+
+    /// A transaction that takes the write lock at once (`BEGIN IMMEDIATE`). A deferred
+    /// one that reads first and writes later fails with SQLITE_BUSY, without waiting,
+    /// when another connection wrote in between; this one waits its turn instead.
+    async fn write_tx(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
 }
 
 fn to_json(items: impl IntoIterator<Item = String>) -> String {
@@ -156,7 +163,7 @@ async fn delete_alias_entries<'c>(
 #[async_trait]
 impl DataStore for SqliteStore {
     async fn create_entries(&self, entries: &[Entry]) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for entry in entries {
             insert_entry(&mut *tx, entry).await?;
         }
@@ -190,7 +197,7 @@ impl DataStore for SqliteStore {
     }
 
     async fn delete_entries(&self, ids: &[String]) -> StoreResult<Vec<Entry>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut gone = Vec::with_capacity(ids.len());
         for id in ids {
             let row = sqlx::query("DELETE FROM entries WHERE id = ? RETURNING *")
@@ -246,7 +253,7 @@ impl DataStore for SqliteStore {
         token: &StoredToken,
         alias_entry: Option<&Entry>,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if let Some(entry) = alias_entry {
             insert_entry(&mut *tx, entry).await?;
         }
@@ -271,7 +278,7 @@ impl DataStore for SqliteStore {
         token_hash: Option<&str>,
         now: i64,
     ) -> StoreResult<Result<(), AttestRefusal>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let ban = sqlx::query("SELECT banned_at FROM banned_agents WHERE spiffe_id = ?")
             .bind(a.spiffe_id.as_str())
             .fetch_optional(&mut *tx)
@@ -334,7 +341,7 @@ impl DataStore for SqliteStore {
         forget_before: i64,
         limit: u32,
     ) -> StoreResult<Vec<Entry>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         // The alias entries of tokens that expired unused go at once (ON DELETE SET NULL
         // unlinks them from their token).
         let rows = sqlx::query(
@@ -419,7 +426,7 @@ impl DataStore for SqliteStore {
     }
 
     async fn evict_agent(&self, id: &SpiffeId) -> StoreResult<Option<Vec<Entry>>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query("DELETE FROM agents WHERE spiffe_id = ?")
             .bind(id.as_str())
             .execute(&mut *tx)
@@ -433,7 +440,7 @@ impl DataStore for SqliteStore {
     }
 
     async fn ban_agent(&self, id: &SpiffeId, now: i64) -> StoreResult<Banned> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let inserted = sqlx::query(
             "INSERT INTO banned_agents (spiffe_id, banned_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
         )
@@ -843,6 +850,42 @@ mod tests {
         assert_eq!(s.list_agents().await.expect("list"), vec![]);
         assert_eq!(s.load_bundle("example.org").await.expect("load"), None);
         s.probe_write(5).await.expect("probe");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_wait_for_each_other_instead_of_failing() {
+        // Each attestation reads (bans) before it writes; a write of another connection
+        // in between must make it wait, never fail with "database is locked".
+        let (_dir, s) = store().await;
+        let s = std::sync::Arc::new(s);
+        for n in 0..40u32 {
+            let t = StoredToken {
+                hash: format!("hash{n}"),
+                id: format!("id{n}"),
+                expires_at: 1000,
+                created_at: 0,
+            };
+            s.create_join_token(&t, None).await.expect("token");
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..40u32 {
+            let (a, b, c) = (s.clone(), s.clone(), s.clone());
+            tasks.spawn(async move {
+                a.record_attestation(
+                    &agent(&format!("a{n}"), "01"),
+                    Some(&format!("hash{n}")),
+                    10,
+                )
+                .await
+                .map(|r| r.expect("accepted"))
+            });
+            tasks.spawn(async move { b.probe_write(i64::from(n)).await });
+            tasks.spawn(async move { c.prune_join_tokens(10, 0, 10).await.map(|_| ()) });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("task").expect("no writer fails");
+        }
+        assert_eq!(s.list_agents().await.expect("agents").len(), 40);
     }
 
     #[tokio::test]
