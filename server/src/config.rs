@@ -22,8 +22,17 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     ca_ttl: Option<Duration>,
     default_x509_svid_ttl: Option<Duration>,
+    agent_ttl: Option<Duration>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    health: Option<HealthFile>,
+}
+
+/// `[health]` in server.toml.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthFile {
+    bind_address: Option<SocketAddr>,
 }
 
 /// `lanyard-server run` flags; each overrides the key of the same name in the file.
@@ -47,9 +56,15 @@ pub struct RunArgs {
     /// CA lifetime: seconds or 30m, 24h, 365d ... [default: 365d].
     #[arg(long)]
     pub ca_ttl: Option<Duration>,
-    /// Default X509-SVID lifetime [default: 1h].
+    /// Default workload X509-SVID lifetime [default: 1h].
     #[arg(long)]
     pub default_x509_svid_ttl: Option<Duration>,
+    /// Agent X509-SVID lifetime [default: 1h].
+    #[arg(long)]
+    pub agent_ttl: Option<Duration>,
+    /// Serve /live and /ready over HTTP on this address [default: off].
+    #[arg(long)]
+    pub health_bind_address: Option<SocketAddr>,
     /// trace, debug, info, warn or error [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
@@ -67,8 +82,14 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub ca_ttl: Duration,
     pub default_x509_svid_ttl: Duration,
+    pub agent_ttl: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Where `/live` and `/ready` are served, if anywhere.
+    pub health_bind_address: Option<SocketAddr>,
+    /// Connection limits of the agent API (not in the file: the defaults suit every
+    /// deployment so far; tests narrow them).
+    pub limits: crate::tls::Limits,
 }
 
 /// A configuration problem, named so the operator can fix it.
@@ -90,8 +111,12 @@ pub enum ConfigError {
         min: u64,
         got: u64,
     },
-    #[error("default_x509_svid_ttl ({svid}) must be shorter than ca_ttl ({ca})")]
-    SvidOutlivesCa { svid: Duration, ca: Duration },
+    #[error("{key} ({svid}) must be shorter than ca_ttl ({ca})")]
+    SvidOutlivesCa {
+        key: &'static str,
+        svid: Duration,
+        ca: Duration,
+    },
     #[error("log_level \"{0}\" is not one of trace, debug, info, warn, error")]
     LogLevel(String),
 }
@@ -121,9 +146,14 @@ impl ServerConfig {
             .default_x509_svid_ttl
             .or(file.default_x509_svid_ttl)
             .unwrap_or(Duration::from_secs(3600));
+        let agent_ttl = args
+            .agent_ttl
+            .or(file.agent_ttl)
+            .unwrap_or(Duration::from_secs(3600));
         for (key, ttl) in [
             ("ca_ttl", ca_ttl),
             ("default_x509_svid_ttl", default_x509_svid_ttl),
+            ("agent_ttl", agent_ttl),
         ] {
             if ttl.as_secs() < 10 {
                 return Err(ConfigError::TooShort {
@@ -133,11 +163,17 @@ impl ServerConfig {
                 });
             }
         }
-        if default_x509_svid_ttl >= ca_ttl {
-            return Err(ConfigError::SvidOutlivesCa {
-                svid: default_x509_svid_ttl,
-                ca: ca_ttl,
-            });
+        for (key, svid) in [
+            ("default_x509_svid_ttl", default_x509_svid_ttl),
+            ("agent_ttl", agent_ttl),
+        ] {
+            if svid >= ca_ttl {
+                return Err(ConfigError::SvidOutlivesCa {
+                    key,
+                    svid,
+                    ca: ca_ttl,
+                });
+            }
         }
         let log_level = args
             .log_level
@@ -165,8 +201,13 @@ impl ServerConfig {
                 .unwrap_or_else(|| "/var/lib/lanyard/server".into()),
             ca_ttl,
             default_x509_svid_ttl,
+            agent_ttl,
             log_level,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            health_bind_address: args
+                .health_bind_address
+                .or(file.health.and_then(|h| h.bind_address)),
+            limits: crate::tls::Limits::default(),
         })
     }
 }
@@ -188,12 +229,23 @@ mod tests {
     #[test]
     fn file_and_flags_merge() {
         let c = load_text(
-            "trust_domain = \"example.org\"\nca_ttl = \"2d\"\ndefault_x509_svid_ttl = 60\n",
+            "trust_domain = \"example.org\"\nca_ttl = \"2d\"\ndefault_x509_svid_ttl = 60\nagent_ttl = \"15m\"\n\n[health]\nbind_address = \"127.0.0.1:8080\"\n",
         )
         .expect("ok");
         assert_eq!(c.trust_domain.as_str(), "example.org");
         assert_eq!(c.ca_ttl, Duration::from_secs(172800));
         assert_eq!(c.default_x509_svid_ttl, Duration::from_secs(60));
+        assert_eq!(c.agent_ttl, Duration::from_secs(900));
+        assert_eq!(
+            c.health_bind_address,
+            Some("127.0.0.1:8080".parse().expect("addr"))
+        );
+        let defaults = load_text("trust_domain = \"example.org\"\n").expect("ok");
+        assert_eq!(defaults.agent_ttl, Duration::from_secs(3600));
+        assert_eq!(
+            defaults.health_bind_address, None,
+            "health HTTP is off by default"
+        );
         let flags = RunArgs {
             trust_domain: Some("other.org".into()),
             ..RunArgs::default()
@@ -223,5 +275,21 @@ mod tests {
             load_text("trust_domain = \"a\"\nca_ttl = 5"),
             Err(ConfigError::TooShort { .. })
         ));
+        let e = load_text("trust_domain = \"a\"\nagent_ttl = \"5s\"").expect_err("short");
+        assert!(e.to_string().contains("agent_ttl"), "{e}");
+        let e = load_text(
+            "trust_domain = \"a\"\nca_ttl = \"1h\"\ndefault_x509_svid_ttl = 60\nagent_ttl = \"2h\"",
+        )
+        .expect_err("agent outlives CA");
+        assert!(
+            e.to_string()
+                .contains("agent_ttl (2h) must be shorter than ca_ttl (1h)"),
+            "{e}"
+        );
+        let e = load_text("trust_domain = \"a\"\n[health]\nport = 1").expect_err("unknown key");
+        assert!(
+            e.to_string().contains("port") && e.to_string().contains("line 3"),
+            "{e}"
+        );
     }
 }

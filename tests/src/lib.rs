@@ -475,6 +475,24 @@ pub fn my_uid() -> u32 {
         .expect("uid")
 }
 
+/// The ID of a join token as the server derives it: the first 32 hex digits of the
+/// token's SHA-256 (the token itself never appears in IDs, selectors or the datastore).
+pub fn join_token_id(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The SPIFFE ID of the agent that attests with `token` in `trust_domain`.
+pub fn join_token_agent_id(trust_domain: &str, token: &str) -> String {
+    format!(
+        "spiffe://{trust_domain}/lanyard/agent/join_token/{}",
+        join_token_id(token)
+    )
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -636,6 +654,19 @@ pub mod tls {
     }
 
     impl AgentCreds {
+        /// Credentials from an SVID chain (DER, leaf first), its key and a bundle.
+        pub fn new(
+            chain: Vec<Vec<u8>>,
+            key: &rcgen::KeyPair,
+            bundle: Vec<CertificateDer<'static>>,
+        ) -> AgentCreds {
+            AgentCreds {
+                chain: chain.into_iter().map(CertificateDer::from).collect(),
+                key_pem: key.serialize_pem(),
+                bundle,
+            }
+        }
+
         /// Reads them from `data_dir`; missing or empty files fail loudly.
         pub fn load(data_dir: &Path) -> AgentCreds {
             let read = |name: &str| {
@@ -704,6 +735,47 @@ pub mod tls {
             .await
             .expect("connect to the agent API");
         AgentServiceClient::new(channel)
+    }
+
+    /// The certificates in PEM text (a bundle as `bundle show` prints it).
+    pub fn certs_from_pem(pem: &str) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("PEM certificates")
+    }
+
+    /// Attests at the agent API at `address` with `token` as an agent does (anonymous
+    /// connection, fresh key, CSR without SAN) and returns the agent's credentials.
+    pub async fn attest(
+        address: &str,
+        bundle: &[CertificateDer<'_>],
+        token: &str,
+    ) -> Result<AgentCreds, tonic::Status> {
+        let key = fresh_key();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .expect("CSR")
+            .der()
+            .to_vec();
+        let reply = agent_api(address, bundle, None)
+            .await
+            .attest_agent(lanyard_proto::agent::AttestAgentRequest {
+                method: "join_token".into(),
+                payload: token.as_bytes().to_vec(),
+                csr,
+            })
+            .await?
+            .into_inner();
+        let roots = reply
+            .bundle
+            .map(|b| {
+                b.x509_authorities
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(AgentCreds::new(reply.x509_svid_chain, &key, roots))
     }
 
     /// A fresh P-256 key, as the agent makes one for every workload SVID.

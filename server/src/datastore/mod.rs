@@ -1,7 +1,11 @@
-//! The datastore: entries, attested agents, join tokens and CA state, behind one trait
-//! so SQLite (embedded default) and PostgreSQL (several servers) serve the same server.
+//! The datastore: entries, attested agents, join tokens, bans and CA state, behind one
+//! trait so SQLite (embedded default) and PostgreSQL (several servers) serve the same
+//! server. Only [`crate::state::State`] calls it, so every change also reaches the
+//! in-memory index.
 
 mod sqlite;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use sqlite::SqliteStore;
 
@@ -33,19 +37,24 @@ pub struct AgentRecord {
     pub selectors: Vec<Selector>,
     /// Lowercase hex serial of the current agent SVID.
     pub serial: String,
-    /// Serial of the SVID before the last renewal, still accepted until it expires.
+    /// Serial of the SVID before the last renewal, or empty. It is accepted only until
+    /// the current serial has been used once (a lost renewal reply stays survivable, a
+    /// stolen old SVID cannot lock out the current one).
     pub previous_serial: String,
     /// Unix seconds: notAfter of the current SVID.
     pub expires_at: i64,
     pub attested_at: i64,
 }
 
-/// A join token and the node alias it grants.
+/// A join token as stored: its digest, never the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinToken {
-    pub token: String,
+pub struct StoredToken {
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    /// The token's ID (first 32 hex digits of `hash`).
+    pub id: String,
     pub expires_at: i64,
-    pub alias: Option<SpiffeId>,
+    pub created_at: i64,
 }
 
 /// The trust domain's X.509 roots as stored.
@@ -55,7 +64,15 @@ pub struct StoredBundle {
     pub sequence: u64,
 }
 
-/// Narrows `list_entries`; every set field must match.
+/// A banned agent ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub spiffe_id: SpiffeId,
+    /// Unix seconds.
+    pub banned_at: i64,
+}
+
+/// Narrows a listing of entries; every set field must match.
 #[derive(Debug, Clone, Default)]
 pub struct EntryFilter {
     pub spiffe_id: Option<SpiffeId>,
@@ -72,21 +89,35 @@ impl EntryFilter {
     }
 }
 
-/// What consuming a join token found.
+/// Why the datastore refused to record an attestation (nothing was written).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenUse {
-    Accepted(JoinToken),
-    Unknown,
-    AlreadyUsed,
-    Expired,
+pub enum AttestRefusal {
+    /// The agent ID is banned since `since` (Unix seconds).
+    Banned {
+        since: i64,
+    },
+    TokenUnknown,
+    TokenUsed,
+    TokenExpired,
+}
+
+/// What banning an agent did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Banned {
+    /// Whether the agent was attested (and is now evicted).
+    pub was_attested: bool,
+    /// Whether it was banned already.
+    pub already: bool,
+    /// Alias entries of the join token it attested with, removed with it.
+    pub removed: Vec<Entry>,
 }
 
 /// Errors of the datastore.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("an entry with the same SPIFFE ID, parent ID and selectors already exists")]
-    DuplicateEntry,
+    #[error("an entry for {spiffe_id} with the same parent ID and selectors already exists")]
+    DuplicateEntry { spiffe_id: String },
     #[error("no entry with id {0}")]
     EntryNotFound(String),
     #[error("datastore record is corrupt: {0}")]
@@ -99,36 +130,55 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Everything the server keeps. Implementations must make every method atomic.
+/// Everything the server keeps. Implementations make every method atomic: a method
+/// that fails has changed nothing.
 #[async_trait]
 pub trait DataStore: Send + Sync + 'static {
-    /// Stores a new entry; `entry.id`, `created_at` and `revision_number` are set by the caller.
-    async fn create_entry(&self, entry: &Entry) -> StoreResult<()>;
+    /// Stores new entries in one transaction (all or none); `id`, `created_at` and
+    /// `revision_number` are set by the caller.
+    async fn create_entries(&self, entries: &[Entry]) -> StoreResult<()>;
     /// Replaces the entry with the same id, bumping its revision; returns the stored entry.
     async fn update_entry(&self, entry: &Entry) -> StoreResult<Entry>;
-    /// Deletes an entry; returns what was deleted.
-    async fn delete_entry(&self, id: &str) -> StoreResult<Entry>;
-    /// All entries, oldest first.
+    /// Deletes entries in one transaction (all or none); returns what was deleted.
+    async fn delete_entries(&self, ids: &[String]) -> StoreResult<Vec<Entry>>;
+    /// All entries, oldest first. Read at start; changes are applied incrementally after.
     async fn list_entries(&self) -> StoreResult<Vec<Entry>>;
+    /// Every entry's id and revision, for the safety-net resync to find what changed.
+    async fn entry_revisions(&self) -> StoreResult<Vec<(String, i64)>>;
+    /// The entries with these ids that exist.
+    async fn get_entries(&self, ids: &[String]) -> StoreResult<Vec<Entry>>;
 
-    /// Stores a join token and, in the same transaction, the node-alias entry it grants.
+    /// Stores a join token and, in the same transaction, the node-alias entry it grants
+    /// (linked to it, so it goes with the token).
     async fn create_join_token(
         &self,
-        token: &JoinToken,
+        token: &StoredToken,
         alias_entry: Option<&Entry>,
     ) -> StoreResult<()>;
-    /// Marks a token used by `agent_id` if it is known, unused and unexpired at `now`.
-    async fn use_join_token(
+    /// Records an attestation in one transaction: refused if the agent ID is banned;
+    /// with `token_hash`, spends the token (known, unused, unexpired at `now`) for this
+    /// agent; then stores the agent.
+    async fn record_attestation(
         &self,
-        token: &str,
-        agent_id: &SpiffeId,
+        agent: &AgentRecord,
+        token_hash: Option<&str>,
         now: i64,
-    ) -> StoreResult<TokenUse>;
+    ) -> StoreResult<Result<(), AttestRefusal>>;
+    /// Removes the alias entries of up to `limit` join tokens that expired unused by
+    /// `now`, and forgets up to `limit` tokens that expired before `forget_before`
+    /// (unused ones, and used ones whose agent is gone). Until a token is forgotten, its
+    /// digest still answers "expired" rather than "unknown". Returns the removed entries.
+    async fn prune_join_tokens(
+        &self,
+        now: i64,
+        forget_before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Entry>>;
 
-    async fn upsert_agent(&self, agent: &AgentRecord) -> StoreResult<()>;
     /// Records a renewed agent SVID, but only if the agent still exists and `presented`
-    /// is its current or previous serial; `presented` becomes the previous serial. Returns
-    /// whether it did, so an eviction or a competing renewal is never overwritten.
+    /// is its current serial, or its previous serial while the current one is unused;
+    /// `presented` becomes the previous serial. Returns whether it did, so an eviction or
+    /// a competing renewal is never overwritten.
     async fn renew_agent(
         &self,
         id: &SpiffeId,
@@ -136,11 +186,23 @@ pub trait DataStore: Send + Sync + 'static {
         serial: &str,
         expires_at: i64,
     ) -> StoreResult<bool>;
+    /// The current serial was used: the previous one stops being accepted.
+    async fn drop_previous_serial(&self, id: &SpiffeId, current: &str) -> StoreResult<()>;
     async fn get_agent(&self, id: &SpiffeId) -> StoreResult<Option<AgentRecord>>;
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
-    /// Removes an agent; returns whether it existed.
-    async fn delete_agent(&self, id: &SpiffeId) -> StoreResult<bool>;
+    /// Removes an agent and the alias entries of the join token it used. `None` if no
+    /// such agent.
+    async fn evict_agent(&self, id: &SpiffeId) -> StoreResult<Option<Vec<Entry>>>;
+    /// Bans an agent ID (remembered even if it is not attested now) and evicts it.
+    async fn ban_agent(&self, id: &SpiffeId, now: i64) -> StoreResult<Banned>;
+    /// Lifts a ban; returns whether there was one.
+    async fn unban_agent(&self, id: &SpiffeId) -> StoreResult<bool>;
+    async fn get_ban(&self, id: &SpiffeId) -> StoreResult<Option<Ban>>;
+    async fn list_bans(&self) -> StoreResult<Vec<Ban>>;
 
     async fn load_bundle(&self, trust_domain: &str) -> StoreResult<Option<StoredBundle>>;
     async fn store_bundle(&self, trust_domain: &str, bundle: &StoredBundle) -> StoreResult<()>;
+
+    /// A small write that proves the datastore still accepts writes.
+    async fn probe_write(&self, now: i64) -> StoreResult<()>;
 }

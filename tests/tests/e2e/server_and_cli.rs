@@ -185,19 +185,24 @@ fn agents(server: &Server) -> Vec<serde_json::Value> {
     v["agents"].as_array().expect("agents array").clone()
 }
 
-/// The SPIFFE ID of the agent that attested with `token`.
+/// The SPIFFE ID of the agent that attested with `token`: named after the token's ID
+/// (never the token), and holding the node selector `join_token:<token id>`.
 fn agent_id_for_token(server: &Server, token: &str) -> String {
-    let selector = format!("join_token:{token}");
+    let id = lanyard_tests::join_token_agent_id(&server.trust_domain, token);
+    let selector = format!("join_token:{}", lanyard_tests::join_token_id(token));
     let all = agents(server);
-    all.iter()
-        .find(|a| {
-            a["selectors"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|s| s.as_str() == Some(selector.as_str())))
-        })
-        .and_then(|a| a["spiffe_id"].as_str())
-        .unwrap_or_else(|| panic!("no agent attested with {token}: {all:?}"))
-        .to_string()
+    let agent = all
+        .iter()
+        .find(|a| a["spiffe_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no agent {id} attested with {token}: {all:?}"));
+    assert!(
+        agent["selectors"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s.as_str() == Some(selector.as_str()))),
+        "agent {id} lacks the selector {selector}: {agent}"
+    );
+    assert!(!id.contains(token), "the agent ID reveals the token");
+    id
 }
 
 /// The SPIFFE IDs `lanyard-agent api fetch x509` gets for this process, sorted; `None`
