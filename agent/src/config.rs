@@ -467,7 +467,11 @@ impl AgentConfig {
 fn workload_api_limits(file: &WorkloadApiFile) -> Result<crate::peer::Limits, ConfigError> {
     let defaults = crate::peer::Limits::default();
     let at_least = |key: &'static str, value: Option<usize>, default: usize| match value {
-        Some(0) => Err(ConfigError::WorkloadApiLimit { key, min: 1, got: 0 }),
+        Some(0) => Err(ConfigError::WorkloadApiLimit {
+            key,
+            min: 1,
+            got: 0,
+        }),
         Some(n) => Ok(n),
         None => Ok(default),
     };
@@ -485,8 +489,16 @@ fn workload_api_limits(file: &WorkloadApiFile) -> Result<crate::peer::Limits, Co
             file.connections_per_uid,
             defaults.connections_per_uid,
         )?,
-        streams_per_uid: at_least("streams_per_uid", file.streams_per_uid, defaults.streams_per_uid)?,
-        max_connections: at_least("max_connections", file.max_connections, defaults.max_connections)?,
+        streams_per_uid: at_least(
+            "streams_per_uid",
+            file.streams_per_uid,
+            defaults.streams_per_uid,
+        )?,
+        max_connections: at_least(
+            "max_connections",
+            file.max_connections,
+            defaults.max_connections,
+        )?,
         idle_timeout,
     })
 }
@@ -691,8 +703,8 @@ mod tests {
             load_text(BASE).expect("defaults").workload_api,
             crate::peer::Limits::default()
         );
-        let e = load_text(&format!("{BASE}[workload_api]\nstreams_per_uid = 0\n"))
-            .expect_err("zero");
+        let e =
+            load_text(&format!("{BASE}[workload_api]\nstreams_per_uid = 0\n")).expect_err("zero");
         assert_eq!(
             e.to_string(),
             "[workload_api] streams_per_uid must be at least 1, got 0"

@@ -150,6 +150,8 @@ impl PrivateDir {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
+        // Before creating anything: nothing may appear under an unsafe parent.
+        check_parents(path)?;
         match nix::unistd::mkdir(path, Mode::from_bits_truncate(mode.create_mode())) {
             // The umask (0077 in the daemons) would narrow a searchable directory.
             Ok(()) => {
@@ -530,6 +532,10 @@ mod tests {
         let err = PrivateDir::open_or_create(&open.join("data"), DirMode::Private)
             .expect_err("world-writable parent");
         assert!(matches!(err, FsError::UnsafeParent { .. }), "{err}");
+        assert!(
+            !open.join("data").exists(),
+            "nothing is created under an unsafe parent"
+        );
         // Sticky, like /tmp, is fine: others cannot rename what they do not own.
         chmod(&open, 0o1777);
         PrivateDir::open_or_create(&open.join("data"), DirMode::Private).expect("sticky parent");

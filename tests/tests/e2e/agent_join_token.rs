@@ -360,11 +360,7 @@ fn a_read_only_or_full_data_dir_does_not_burn_the_token() {
 fn an_expired_stored_identity_asks_for_a_new_join_token() {
     let dir = tempdir();
     // Agent SVIDs of 10 s, so the stored one expires while the agent is stopped.
-    let server = Server::start(
-        dir.path(),
-        "example.org",
-        &["--default-x509-svid-ttl", "10s"],
-    );
+    let server = Server::start(dir.path(), "example.org", &["--agent-ttl", "10s"]);
     let root = dir.path().join("agent");
     let socket = root.join("agent-run/api.sock");
     let first = server.token(None);

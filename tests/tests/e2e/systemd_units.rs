@@ -492,12 +492,19 @@ fn server_example_config_has_every_key() {
             ("data_dir", "\"/var/lib/lanyard/server\""),
             ("ca_ttl", "\"8760h\""),
             ("default_x509_svid_ttl", "\"1h\""),
+            ("agent_ttl", "\"1h\""),
             ("log_level", "\"info\""),
             ("log_format", "\"text\""),
         ],
         &[],
     );
-    for key in ["ca_ttl", "default_x509_svid_ttl"] {
+    assert!(
+        read_shipped(file)
+            .lines()
+            .any(|l| l.trim() == "# bind_address = \"127.0.0.1:8088\""),
+        "{file}: the commented [health] bind_address example is missing"
+    );
+    for key in ["ca_ttl", "default_x509_svid_ttl", "agent_ttl"] {
         let value = &settings[key][0];
         assert!(
             is_duration(value),
@@ -578,4 +585,58 @@ fn configs_match_unit_directories() {
             "{unit}: ExecStart= does not read {config_dir}{config}: {exec}"
         );
     }
+}
+
+/// A self-signed CA certificate as PEM, to stand in for a trust domain's bundle.
+fn some_ca_pem() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    params.self_signed(&key).expect("CA").pem()
+}
+
+/// The shipped example configs are what the real binaries accept: `validate` reads each
+/// with only the paths that point into /etc and /var redirected to a temporary tree.
+#[test]
+fn example_configs_pass_validate() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path();
+    let server = lanyard_tests::run(
+        Command::new(lanyard_tests::bin("lanyard-server"))
+            .args(["validate", "--config"])
+            .arg(systemd_dir().join("server.toml"))
+            .arg("--data-dir")
+            .arg(root.join("server-data"))
+            .arg("--admin-socket")
+            .arg(root.join("server-run/admin.sock")),
+    );
+    assert!(
+        server.status.success(),
+        "lanyard-server validate refused the shipped server.toml: {}",
+        String::from_utf8_lossy(&server.stderr)
+    );
+    let bundle = root.join("bundle.pem");
+    fs::write(&bundle, some_ca_pem()).expect("bundle");
+    let agent = lanyard_tests::run(
+        Command::new(lanyard_tests::bin("lanyard-agent"))
+            .args(["validate", "--config"])
+            .arg(systemd_dir().join("agent.toml"))
+            .arg("--trust-bundle-path")
+            .arg(&bundle)
+            .arg("--data-dir")
+            .arg(root.join("agent-data"))
+            .arg("--socket-path")
+            .arg(root.join("agent-run/api.sock"))
+            .env("LANYARD_JOIN_TOKEN", "0123456789abcdef0123456789abcdef"),
+    );
+    assert!(
+        agent.status.success(),
+        "lanyard-agent validate refused the shipped agent.toml: {}",
+        String::from_utf8_lossy(&agent.stderr)
+    );
+    assert!(
+        !root.join("server-data").exists() && !root.join("agent-data").exists(),
+        "validate must not create anything"
+    );
 }
